@@ -1,0 +1,53 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+# Both create .venv and install the package into it; nothing else is assumed.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
+DEMO_CONFIG ?= configs/fashion_mnist_badnets_demo.py
+DEMO_WORKDIR ?= runs/demo
+
+.PHONY: install install-bench dataset demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed-bench: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	touch $@
+
+install-bench: $(VENV)/.installed-bench
+
+# Fashion-MNIST comes from Debian's package; the data never downloads at run time.
+dataset:
+	@if [ ! -f $(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz ]; then \
+	  echo "Fashion-MNIST not found; installing Debian package dataset-fashion-mnist"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
+	  ($$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 || { \
+	    echo "ERROR: could not install the Debian package 'dataset-fashion-mnist'."; \
+	    echo "Install it by hand, or put the four Fashion-MNIST IDX files in a directory and pass"; \
+	    echo "  --config.data.dir=/path/to/that/directory"; \
+	    exit 1; }; \
+	fi
+
+demo: install dataset
+	$(PY) launch.py --config $(DEMO_CONFIG) --workdir $(DEMO_WORKDIR)
+
+test: install
+	$(PY) -m pytest -q tests
+
+lint: install
+	$(VENV)/bin/ruff check jaxclean configs tests benchmarks launch.py
+	$(VENV)/bin/ruff format --check jaxclean configs tests benchmarks launch.py
+
+bench: install-bench dataset
+	$(PY) benchmarks/train_throughput.py
+
+clean:
+	rm -rf $(VENV) runs

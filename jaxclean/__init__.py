@@ -1,0 +1,1 @@
+"""jaxclean: backdoor removal by diffusion regeneration and knowledge distillation."""

@@ -1,0 +1,117 @@
+"""Stage outputs on disk: atomic writes and the manifests that make stages idempotent.
+
+A stage records what it was asked to do (its spec: the config sections and upstream outputs it
+depends on) when it starts, and a done marker when it has finished. A rerun with the same spec
+skips a finished stage and resumes an unfinished one; a different spec is refused, so outputs
+of two configs are never mixed in one workdir.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+
+
+class StageConflict(RuntimeError):
+    """A workdir holds a stage made from another config than the one asked for now."""
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Writes `data` to `path` via a temporary file and a rename: readers see all or nothing."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def to_jsonable(obj):
+    """ConfigDicts, tuples and numpy scalars as plain JSON values."""
+    if hasattr(obj, "to_dict"):
+        obj = obj.to_dict()
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        return obj.item()
+    return obj
+
+
+def atomic_write_json(path: str, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(to_jsonable(obj), indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def fingerprint(obj) -> str:
+    """A stable hash of a JSON-able value."""
+    text = json.dumps(to_jsonable(obj), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _differences(old, new, prefix="") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+class StageRecord:
+    """The spec and done marker of one stage, in WORKDIR/<stage>/."""
+
+    def __init__(self, workdir: str, name: str, spec: dict):
+        self.name = name
+        self.directory = os.path.join(workdir, name)
+        self.spec = to_jsonable(spec)
+        self._spec_path = os.path.join(self.directory, "spec.json")
+        self._done_path = os.path.join(self.directory, "done.json")
+
+    @property
+    def spec_fingerprint(self) -> str:
+        return fingerprint(self.spec)
+
+    def claim(self) -> None:
+        """Records the spec, or refuses when the directory holds another one."""
+        if os.path.exists(self._spec_path):
+            old = read_json(self._spec_path)
+            if old != self.spec:
+                changes = "; ".join(_differences(old, self.spec)[:8])
+                raise StageConflict(
+                    f"stage {self.name!r} in {self.directory} was made from another config "
+                    f"({changes}). Use a new --workdir, or delete {self.directory} to redo it."
+                )
+        else:
+            atomic_write_json(self._spec_path, self.spec)
+
+    def is_done(self) -> bool:
+        if not os.path.exists(self._done_path):
+            return False
+        self.claim()  # A finished stage of another config is a conflict too.
+        return True
+
+    def mark_done(self, outputs: dict | None = None) -> None:
+        atomic_write_json(
+            self._done_path, {"spec_fingerprint": self.spec_fingerprint, **(outputs or {})}
+        )
+
+    def done_record(self) -> dict:
+        return read_json(self._done_path)
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.directory, *parts)

@@ -1,0 +1,464 @@
+"""Classifier training: the pure jitted steps (teacher and distillation) and the loop around them.
+
+The steps are module-level functions of (state, batch, rng) so tests and benchmarks call them
+directly. The loop is thin: it draws batches in an order fixed by (seed, epoch), calls a step,
+logs, and checkpoints with Orbax so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxclean import checkpointing, sharding
+from jaxclean.data import ImageDataset
+from jaxclean.metrics import MetricWriter, progress
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """Everything a classifier's training changes, plus how to apply it."""
+
+    step: jax.Array
+    params: dict
+    batch_stats: dict
+    opt_state: optax.OptState
+    apply_fn: Callable = flax.struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+    @property
+    def variables(self) -> dict:
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+    def apply_gradients(self, grads, batch_stats):
+        updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+        return self.replace(
+            step=self.step + 1,
+            params=optax.apply_updates(self.params, updates),
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+    """Training-time augmentation, applied inside the jitted step.
+
+    Attributes:
+      crop_padding: zero-pad by this many pixels, then crop back at a random offset.
+      flip: random horizontal flips.
+    """
+
+    crop_padding: int = 0
+    flip: bool = False
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+
+def normalize(images: jax.Array) -> jax.Array:
+    """uint8 [0, 255] to float32 [-1, 1], the range the generators use too."""
+    return images.astype(jnp.float32) / 127.5 - 1.0
+
+
+def augment_images(images: jax.Array, keys: jax.Array, augment: Augment) -> jax.Array:
+    """Random crop-with-padding and flip, one key per image.
+
+    Args:
+      images: float [N, H, W, C].
+      keys: [N] keys, one per image, so an image's augmentation does not depend on its batch.
+      augment: what to apply.
+    """
+    if augment.crop_padding == 0 and not augment.flip:
+        return images
+    pad = augment.crop_padding
+    height, width = images.shape[1:3]
+
+    def one(image, key):
+        crop_key, flip_key = jax.random.split(key)
+        if pad:
+            # Pad with the value of black: the images are in [-1, 1].
+            padded = jnp.pad(image, ((pad, pad), (pad, pad), (0, 0)), constant_values=-1.0)
+            offsets = jax.random.randint(crop_key, (2,), 0, 2 * pad + 1)
+            image = jax.lax.dynamic_slice(
+                padded, (offsets[0], offsets[1], 0), (height, width, image.shape[-1])
+            )
+        if augment.flip:
+            image = jnp.where(jax.random.bernoulli(flip_key), image[:, ::-1], image)
+        return image
+
+    return jax.vmap(one)(images, keys)
+
+
+def sample_keys(rng: jax.Array, indices: jax.Array) -> jax.Array:
+    """One key per sample, folded from its index in the dataset."""
+    return jax.vmap(lambda i: jax.random.fold_in(rng, i))(indices)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy over the batch."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def distillation_loss(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    labels: jax.Array,
+    alpha: float,
+    temperature: float,
+) -> jax.Array:
+    """alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, label).
+
+    The KL is summed over classes and averaged over the batch (Hinton et al. 2015); T^2 keeps
+    its gradient on the scale of the cross-entropy's as T grows.
+    """
+    teacher_log_probs = jax.nn.log_softmax(teacher_logits / temperature)
+    student_log_probs = jax.nn.log_softmax(student_logits / temperature)
+    kl = jnp.sum(jnp.exp(teacher_log_probs) * (teacher_log_probs - student_log_probs), axis=-1)
+    return alpha * temperature**2 * kl.mean() + (1.0 - alpha) * cross_entropy(
+        student_logits, labels
+    )
+
+
+def _step_metrics(loss, logits, labels, grads, params) -> dict:
+    return {
+        "loss": loss,
+        "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+        "grad_norm": optax.global_norm(grads),
+        "param_norm": optax.global_norm(params),
+    }
+
+
+def train_step(state: TrainState, batch: dict, rng: jax.Array, *, augment: Augment):
+    """One cross-entropy step: the teacher's, and every baseline trained without distillation.
+
+    Args:
+      state: the classifier.
+      batch: {"image": uint8 [B, H, W, C], "label": int32 [B], "index": int [B]}.
+      rng: this epoch's key; each sample's augmentation key folds in its index.
+      augment: static augmentation settings.
+
+    Returns:
+      The updated state and a dict of scalar metrics.
+    """
+    images = augment_images(
+        normalize(batch["image"]), sample_keys(rng, batch["index"]), augment
+    )
+
+    def loss_fn(params):
+        logits, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            images,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return cross_entropy(logits, batch["label"]), (logits, updates["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    new_state = state.apply_gradients(grads, batch_stats)
+    return new_state, _step_metrics(loss, logits, batch["label"], grads, state.params)
+
+
+def distill_step(
+    state: TrainState,
+    teacher_variables: dict,
+    batch: dict,
+    rng: jax.Array,
+    *,
+    teacher_apply: Callable,
+    augment: Augment,
+    alpha: float,
+    temperature: float,
+):
+    """One knowledge-distillation step: the frozen teacher and the student see the same batch.
+
+    Args:
+      state: the student.
+      teacher_variables: the teacher's {"params", "batch_stats"}; used in inference mode.
+      batch: as for `train_step` (here the regenerated images).
+      rng: this epoch's key.
+      teacher_apply: the teacher module's apply function (static).
+      augment: static augmentation settings, applied once and fed to both networks.
+      alpha: weight of the distillation term, in [0, 1].
+      temperature: softmax temperature T > 0.
+    """
+    images = augment_images(
+        normalize(batch["image"]), sample_keys(rng, batch["index"]), augment
+    )
+    teacher_logits = jax.lax.stop_gradient(teacher_apply(teacher_variables, images, train=False))
+
+    def loss_fn(params):
+        logits, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            images,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        loss = distillation_loss(logits, teacher_logits, batch["label"], alpha, temperature)
+        return loss, (logits, updates["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    new_state = state.apply_gradients(grads, batch_stats)
+    metrics = _step_metrics(loss, logits, batch["label"], grads, state.params)
+    metrics["teacher_agreement"] = jnp.mean(
+        jnp.argmax(logits, -1) == jnp.argmax(teacher_logits, -1)
+    )
+    return new_state, metrics
+
+
+def predict_step(apply_fn: Callable, variables: dict, images: jax.Array) -> jax.Array:
+    """Logits in inference mode (running batch-norm statistics)."""
+    return apply_fn(variables, normalize(images), train=False)
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def make_optimizer(recipe, steps_per_epoch: int) -> tuple[optax.GradientTransformation, Callable]:
+    """The optimizer and learning-rate schedule a recipe names.
+
+    The schedule is step decay: the rate is multiplied by `lr_decay_factor` at each epoch in
+    `lr_decay_epochs` (the paper: Adam 1e-3, decay at epochs 30 and 50).
+    """
+    boundaries = {
+        int(epoch * steps_per_epoch): recipe.lr_decay_factor for epoch in recipe.lr_decay_epochs
+    }
+    schedule = optax.piecewise_constant_schedule(recipe.learning_rate, boundaries)
+    name = recipe.optimizer
+    if name == "adam":
+        tx = optax.adam(schedule)
+    elif name == "adamw":
+        tx = optax.adamw(schedule, weight_decay=recipe.weight_decay)
+    elif name == "sgd":
+        tx = optax.chain(
+            optax.add_decayed_weights(recipe.weight_decay),
+            optax.sgd(schedule, momentum=recipe.momentum, nesterov=True),
+        )
+    else:
+        raise ValueError(f"unknown optimizer {name!r}: use adam, adamw or sgd")
+    return tx, schedule
+
+
+def create_train_state(
+    model, tx: optax.GradientTransformation, image_shape, rng: jax.Array, mesh
+) -> TrainState:
+    """Initialises parameters directly in their (replicated) sharding on the mesh."""
+
+    def init(rng):
+        dummy = jnp.zeros((1, *image_shape), jnp.float32)
+        variables = model.init(rng, dummy, train=False)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=variables["params"],
+            batch_stats=variables.get("batch_stats", {}),
+            opt_state=tx.init(variables["params"]),
+            apply_fn=model.apply,
+            tx=tx,
+        )
+
+    return jax.jit(init, out_shardings=sharding.replicated(mesh))(rng)
+
+
+def checkpoint_tree(state: TrainState) -> dict:
+    """What Orbax saves: arrays only, no functions."""
+    return {
+        "step": state.step,
+        "params": state.params,
+        "batch_stats": state.batch_stats,
+        "opt_state": state.opt_state,
+    }
+
+
+def restore_state(state: TrainState, tree: dict) -> TrainState:
+    return state.replace(
+        step=tree["step"],
+        params=tree["params"],
+        batch_stats=tree["batch_stats"],
+        opt_state=tree["opt_state"],
+    )
+
+
+def jit_step(step_fn: Callable, mesh, num_static_args: int = 0):
+    """jit a (state, *static_args, batch, rng) step with the state donated and sharded.
+
+    Args:
+      step_fn: a step with keyword-only settings already bound (functools.partial).
+      mesh: the mesh; the state and any extra leading arguments are replicated, the batch split.
+      num_static_args: extra replicated arguments between state and batch (e.g. the teacher).
+    """
+    replicated = sharding.replicated(mesh)
+    in_shardings = (replicated,) * (1 + num_static_args) + (
+        sharding.data_sharding(mesh),
+        replicated,
+    )
+    return jax.jit(
+        step_fn,
+        in_shardings=in_shardings,
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
+    """The permutation for one epoch: a pure function of (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(num_samples)
+
+
+@dataclasses.dataclass
+class FitResult:
+    state: TrainState
+    steps: int
+    wall_seconds: float
+    images_per_second: float
+    history: list
+
+
+def fit(
+    state: TrainState,
+    step: Callable,
+    dataset: ImageDataset,
+    *,
+    batch_size: int,
+    num_epochs: int,
+    seed: int,
+    mesh,
+    checkpoint_dir: str,
+    schedule: Callable | None = None,
+    writer: MetricWriter | None = None,
+    prefix: str = "train",
+    checkpoint_every_steps: int = 0,
+    max_to_keep: int = 2,
+    log_every_steps: int = 50,
+    on_epoch_end: Callable | None = None,
+    description: str = "train",
+) -> FitResult:
+    """Runs `step` over `dataset` for `num_epochs`, resuming from the latest checkpoint.
+
+    Args:
+      state: freshly initialised state; replaced by the checkpoint's when one exists.
+      step: jitted (state, batch, rng) -> (state, metrics).
+      dataset: the training images; the last incomplete batch of each epoch is dropped.
+      batch_size: global batch size.
+      num_epochs: epochs in total, counting those done before a resume.
+      seed: fixes the data order and augmentation keys.
+      mesh: the device mesh.
+      checkpoint_dir: the Orbax directory of this run.
+      schedule: learning rate by step, for logging.
+      writer: where scalars go.
+      prefix: metric key prefix.
+      checkpoint_every_steps: also checkpoint every this many steps (0: at epoch ends only).
+      max_to_keep: checkpoints kept.
+      log_every_steps: metric cadence.
+      on_epoch_end: called as on_epoch_end(epoch, state) after each epoch's checkpoint.
+      description: progress-bar label.
+    """
+    sharding.check_batch_size(batch_size)
+    steps_per_epoch = len(dataset) // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch size {batch_size} is larger than the {len(dataset)} samples")
+    total_steps = steps_per_epoch * num_epochs
+    manager = checkpointing.Checkpointer(checkpoint_dir, max_to_keep=max_to_keep)
+    start = manager.latest_step() or 0
+    if start:
+        state = restore_state(state, manager.restore(start, checkpoint_tree(state)))
+    base_key = jax.random.key(seed)
+    rows = sharding.process_rows(batch_size)
+    history, order = [], None
+    started, images_seen = time.perf_counter(), 0
+    bar = progress(total=total_steps, initial=start, desc=description)
+    log_started, log_images = time.perf_counter(), 0
+    for global_step in range(start, total_steps):
+        epoch, position = divmod(global_step, steps_per_epoch)
+        if order is None or position == 0:
+            order = epoch_order(len(dataset), seed, epoch)
+        indices = order[position * batch_size : (position + 1) * batch_size][rows]
+        batch = sharding.to_global(
+            {
+                "image": dataset.images[indices],
+                "label": dataset.labels[indices],
+                "index": indices.astype(np.int32),
+            },
+            mesh,
+        )
+        state, metrics = step(state, batch, jax.random.fold_in(base_key, epoch))
+        images_seen += batch_size
+        log_images += batch_size
+        done = global_step + 1
+        epoch_done = done % steps_per_epoch == 0
+        checkpoint_now = epoch_done or (
+            checkpoint_every_steps and done % checkpoint_every_steps == 0
+        )
+        if done % log_every_steps == 0 or checkpoint_now:
+            scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            _fail_on_nonfinite(scalars, done)
+            now = time.perf_counter()
+            scalars["images_per_second"] = log_images / max(now - log_started, 1e-9)
+            log_started, log_images = now, 0
+            if schedule is not None:
+                scalars["learning_rate"] = float(schedule(global_step))
+            scalars["epoch"] = done / steps_per_epoch
+            history.append({"step": done, **scalars})
+            if writer is not None:
+                writer.write_scalars(done, {f"{prefix}/{k}": v for k, v in scalars.items()})
+            bar.set_postfix(loss=f"{scalars['loss']:.4f}", acc=f"{scalars['accuracy']:.3f}")
+        if checkpoint_now:
+            manager.save(done, checkpoint_tree(state))
+            if epoch_done and on_epoch_end is not None:
+                on_epoch_end(epoch + 1, state)
+        bar.update(1)
+    bar.close()
+    manager.wait()
+    manager.close()
+    wall = time.perf_counter() - started
+    return FitResult(state, total_steps - start, wall, images_seen / max(wall, 1e-9), history)
+
+
+def _fail_on_nonfinite(scalars: dict, step: int) -> None:
+    bad = {k: v for k, v in scalars.items() if not np.isfinite(v)}
+    if bad:
+        raise FloatingPointError(f"non-finite training metrics at step {step}: {bad}")
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def make_predict_fn(apply_fn: Callable, mesh) -> Callable:
+    """A jitted (variables, uint8 images) -> logits, the batch split over the mesh."""
+    return jax.jit(
+        functools.partial(predict_step, apply_fn),
+        in_shardings=(sharding.replicated(mesh), sharding.data_sharding(mesh)),
+        out_shardings=sharding.data_sharding(mesh),
+    )
+
+
+def predict(
+    predict_fn: Callable, variables: dict, images: np.ndarray, batch_size: int, mesh
+) -> np.ndarray:
+    """Logits for every image, in order, as numpy [N, num_classes].
+
+    The last batch is padded to full size, so one compiled program serves every batch, and the
+    padding is dropped from the result. Every process passes the same `images`.
+    """
+    sharding.check_batch_size(batch_size, "eval batch")
+    rows = sharding.process_rows(batch_size)
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        valid = len(chunk)
+        if valid < batch_size:
+            pad = np.zeros((batch_size - valid, *chunk.shape[1:]), chunk.dtype)
+            chunk = np.concatenate([chunk, pad])
+        batch = sharding.to_global({"image": chunk[rows]}, mesh)["image"]
+        logits = sharding.to_host(predict_fn(variables, batch))
+        outputs.append(logits[:valid])
+    return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
