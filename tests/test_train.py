@@ -1,0 +1,155 @@
+"""The jitted steps: they learn, the KD loss is the formula, and devices do not change results."""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import REPO, synthetic_images
+
+from jaxclean import sharding, train
+from jaxclean.models import make_classifier
+
+
+def tiny_state(mesh, width=4, seed=0):
+    model = make_classifier("cifar_resnet20", num_classes=10, width=width)
+    return model, train.create_train_state(
+        model, optax.adam(1e-2), (28, 28, 1), jax.random.key(seed), mesh
+    )
+
+
+def batch_of(images, labels, mesh):
+    return sharding.to_global(
+        {"image": images, "label": labels.astype(np.int32),
+         "index": np.arange(len(labels), dtype=np.int32)},
+        mesh,
+    )
+
+
+def test_train_step_lowers_loss_on_a_tiny_set():
+    mesh = sharding.make_mesh()
+    _, state = tiny_state(mesh)
+    images, labels = synthetic_images(32, seed=0)
+    batch = batch_of(images[..., None], labels, mesh)
+    step = train.jit_step(functools.partial(train.train_step, augment=train.Augment()), mesh)
+    losses = []
+    for _ in range(25):
+        state, metrics = step(state, batch, jax.random.key(0))
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert int(state.step) == 25
+
+
+def test_kd_loss_matches_hand_computation_and_limits():
+    student = jnp.array([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
+    teacher = jnp.array([[2.0, 0.0, 1.0], [1.0, 1.0, 1.0]])
+    labels = jnp.array([1, 2])
+    alpha, temperature = 0.3, 4.0
+
+    def softmax(v):
+        e = np.exp(v - v.max())
+        return e / e.sum()
+
+    kl = np.mean([
+        np.sum(softmax(t / temperature) * (np.log(softmax(t / temperature))
+                                          - np.log(softmax(s / temperature))))
+        for s, t in zip(np.asarray(student), np.asarray(teacher))
+    ])
+    ce = np.mean([-np.log(softmax(s)[y]) for s, y in zip(np.asarray(student), [1, 2])])
+    expected = alpha * temperature**2 * kl + (1 - alpha) * ce
+    got = train.distillation_loss(student, teacher, labels, alpha, temperature)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    # alpha = 0: plain cross-entropy; alpha = 1: pure distillation, zero when the two agree.
+    np.testing.assert_allclose(
+        train.distillation_loss(student, teacher, labels, 0.0, temperature), ce, rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        train.distillation_loss(student, student, labels, 1.0, temperature), 0.0, atol=1e-6
+    )
+
+
+def test_distill_step_pulls_student_toward_teacher():
+    mesh = sharding.make_mesh()
+    model, teacher = tiny_state(mesh, seed=1)
+    _, student = tiny_state(mesh, seed=2)
+    images, labels = synthetic_images(32, seed=3)
+    batch = batch_of(images[..., None], labels, mesh)
+    step_fn = functools.partial(
+        train.distill_step, teacher_apply=model.apply, augment=train.Augment(),
+        alpha=1.0, temperature=2.0,
+    )
+    step = train.jit_step(step_fn, mesh, num_static_args=1)
+    teacher_vars = teacher.variables
+    losses = []
+    for _ in range(20):
+        student, metrics = step(student, teacher_vars, batch, jax.random.key(0))
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_augmentation_is_per_sample_and_batch_independent():
+    images = jnp.arange(2 * 6 * 6, dtype=jnp.float32).reshape(2, 6, 6, 1)
+    keys = train.sample_keys(jax.random.key(0), jnp.array([10, 11]))
+    augment = train.Augment(crop_padding=2, flip=True)
+    both = train.augment_images(images, keys, augment)
+    second_alone = train.augment_images(images[1:], keys[1:], augment)
+    np.testing.assert_array_equal(both[1], second_alone[0])
+    # A crop keeps 6x6 pixels; values either come from the image or are padding (-1).
+    assert both.shape == images.shape
+    assert set(np.unique(both)).issubset(set(np.unique(images)) | {-1.0})
+
+
+def test_epoch_order_depends_only_on_seed_and_epoch():
+    a = train.epoch_order(100, seed=0, epoch=3)
+    np.testing.assert_array_equal(a, train.epoch_order(100, seed=0, epoch=3))
+    assert not np.array_equal(a, train.epoch_order(100, seed=0, epoch=4))
+    assert sorted(a.tolist()) == list(range(100))
+
+
+DEVICE_SCRIPT = """
+import functools, json, sys
+sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
+import jax, numpy as np, optax
+from conftest import synthetic_images
+from jaxclean import sharding, train
+from jaxclean.models import make_classifier
+mesh = sharding.make_mesh()
+model = make_classifier("cifar_resnet20", num_classes=10, width=4)
+state = train.create_train_state(model, optax.adam(1e-3), (28, 28, 1), jax.random.key(0), mesh)
+images, labels = synthetic_images(16, seed=0)
+batch = sharding.to_global({{"image": images[..., None], "label": labels.astype(np.int32),
+                            "index": np.arange(16, dtype=np.int32)}}, mesh)
+step = train.jit_step(functools.partial(train.train_step,
+                      augment=train.Augment(crop_padding=2, flip=True)), mesh)
+losses = []
+for _ in range(3):
+    state, metrics = step(state, batch, jax.random.key(5))
+    losses.append(float(metrics["loss"]))
+leaves = [np.asarray(x).ravel() for x in jax.tree.leaves(state.params)]
+print(json.dumps({{"devices": jax.device_count(), "losses": losses,
+                  "params": np.concatenate(leaves)[:2000].tolist()}}))
+"""
+
+
+def run_on_devices(devices: int) -> dict:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu")
+    script = DEVICE_SCRIPT.format(repo=REPO, tests=os.path.join(REPO, "tests"))
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_one_and_four_devices_give_the_same_training():
+    one, four = run_on_devices(1), run_on_devices(4)
+    assert (one["devices"], four["devices"]) == (1, 4)
+    np.testing.assert_allclose(one["losses"], four["losses"], rtol=1e-5)
+    np.testing.assert_allclose(one["params"], four["params"], rtol=1e-4, atol=1e-6)
