@@ -92,10 +92,75 @@ def blended_attack(**trigger) -> ml_collections.ConfigDict:
     )
 
 
+def generator_config(**overrides) -> ml_collections.ConfigDict:
+    """The self-trained latent-diffusion image-variation generator (see jaxclean/diffusion)."""
+    config = ml_collections.ConfigDict(
+        dict(
+            name="latent_diffusion",
+            # "trusted" (the method), or "poisoned_train": a generator (and encoder) that saw
+            # the trigger, to test the method's premise.
+            train_split="trusted",
+            image_size=32,  # Fashion-MNIST's 28 px are padded to 32 (divisible by 4).
+            # What the UNet's cross-attention reads: "embedding", "label", "embedding+label".
+            condition="embedding",
+            cond_dropout=0.1,  # Lets one model give both branches of classifier-free guidance.
+            encode_batch_size=500,
+            # The semantic encoder: a classifier trained on the generator's split.
+            encoder=classifier_recipe(select="last"),
+            vae=dict(
+                block_out_channels=(32, 32, 64),
+                layers_per_block=1,
+                latent_channels=4,
+                kl_weight=1e-6,
+                learning_rate=1e-3,
+                batch_size=64,
+                num_epochs=4,
+                ema_decay=0.999,
+                log_every_steps=50,
+                checkpoint_every_steps=500,
+            ),
+            unet=dict(
+                block_out_channels=(32, 64),
+                layers_per_block=1,
+                attention_head_dim=8,
+                num_train_timesteps=1000,
+                beta_schedule="scaled_linear",
+                learning_rate=1e-3,
+                batch_size=128,
+                num_epochs=40,
+                ema_decay=0.999,
+                log_every_steps=50,
+                checkpoint_every_steps=500,
+            ),
+        )
+    )
+    config.update(overrides)
+    return config
+
+
+def regenerate_config(**overrides) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict(
+        dict(
+            steps=20,
+            eta=0.0,
+            guidance=3.0,
+            strength=1.0,  # 1.0: from pure noise (the method); < 1: SDEdit (a baseline).
+            color_transfer=True,
+            shard_size=2048,  # Images per output file; a rerun skips finished shards.
+            per_device_batch=128,
+            seed=0,
+        )
+    )
+    config.update(overrides)
+    return config
+
+
 def base_config(data, attack) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.data = data
     config.attack = attack
     config.teacher = classifier_recipe()
+    config.generator = generator_config()
+    config.regenerate = regenerate_config()
     return config

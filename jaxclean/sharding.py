@@ -4,14 +4,27 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
 
 
-def make_mesh() -> Mesh:
-    """A 1-D mesh named "data" over all devices of all processes."""
-    return jax.make_mesh((jax.device_count(),), (DATA_AXIS,))
+def make_mesh(devices=None) -> Mesh:
+    """A 1-D mesh named "data" over all devices of all processes (or over `devices`).
+
+    Auto axis types: jit propagates the batch sharding through every op, as data parallelism
+    needs. (jax.make_mesh defaults to Explicit types since 0.7, which would make every op's
+    sharding part of its type and reject, e.g., a gather from an unsharded table.)
+    """
+    devices = list(devices) if devices is not None else jax.devices()
+    return jax.make_mesh(
+        (len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices
+    )
+
+
+def local_mesh() -> Mesh:
+    """A mesh over this process's devices only, for work that needs no other process."""
+    return make_mesh(jax.local_devices())
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:

@@ -268,23 +268,17 @@ def create_train_state(
     return jax.jit(init, out_shardings=sharding.replicated(mesh))(rng)
 
 
-def checkpoint_tree(state: TrainState) -> dict:
-    """What Orbax saves: arrays only, no functions."""
+def checkpoint_tree(state) -> dict:
+    """What Orbax saves: every array field of the state (step, params, opt_state, ...)."""
     return {
-        "step": state.step,
-        "params": state.params,
-        "batch_stats": state.batch_stats,
-        "opt_state": state.opt_state,
+        field.name: getattr(state, field.name)
+        for field in dataclasses.fields(state)
+        if field.metadata.get("pytree_node", True)
     }
 
 
-def restore_state(state: TrainState, tree: dict) -> TrainState:
-    return state.replace(
-        step=tree["step"],
-        params=tree["params"],
-        batch_stats=tree["batch_stats"],
-        opt_state=tree["opt_state"],
-    )
+def restore_state(state, tree: dict):
+    return state.replace(**tree)
 
 
 def jit_step(step_fn: Callable, mesh, num_static_args: int = 0):
@@ -325,10 +319,20 @@ class FitResult:
     history: list
 
 
+def as_arrays(dataset: ImageDataset | dict) -> dict:
+    """Training fields by name; an ImageDataset gives "image" and "label"."""
+    if isinstance(dataset, ImageDataset):
+        return {"image": dataset.images, "label": dataset.labels}
+    lengths = {len(v) for v in dataset.values()}
+    if len(lengths) != 1:
+        raise ValueError(f"training fields of different lengths: {lengths}")
+    return dataset
+
+
 def fit(
-    state: TrainState,
+    state,
     step: Callable,
-    dataset: ImageDataset,
+    dataset: ImageDataset | dict,
     *,
     batch_size: int,
     num_epochs: int,
@@ -349,7 +353,8 @@ def fit(
     Args:
       state: freshly initialised state; replaced by the checkpoint's when one exists.
       step: jitted (state, batch, rng) -> (state, metrics).
-      dataset: the training images; the last incomplete batch of each epoch is dropped.
+      dataset: the training images, or a dict of equal-length arrays (each batch gets every
+        field plus "index"); the last incomplete batch of each epoch is dropped.
       batch_size: global batch size.
       num_epochs: epochs in total, counting those done before a resume.
       seed: fixes the data order and augmentation keys.
@@ -365,9 +370,11 @@ def fit(
       description: progress-bar label.
     """
     sharding.check_batch_size(batch_size)
-    steps_per_epoch = len(dataset) // batch_size
+    arrays = as_arrays(dataset)
+    num_samples = len(next(iter(arrays.values())))
+    steps_per_epoch = num_samples // batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"batch size {batch_size} is larger than the {len(dataset)} samples")
+        raise ValueError(f"batch size {batch_size} is larger than the {num_samples} samples")
     total_steps = steps_per_epoch * num_epochs
     manager = checkpointing.Checkpointer(checkpoint_dir, max_to_keep=max_to_keep)
     start = manager.latest_step() or 0
@@ -384,16 +391,11 @@ def fit(
     for global_step in range(start, total_steps):
         epoch, position = divmod(global_step, steps_per_epoch)
         if order is None or position == 0:
-            order = epoch_order(len(dataset), seed, epoch)
+            order = epoch_order(num_samples, seed, epoch)
         indices = order[position * batch_size : (position + 1) * batch_size][rows]
-        batch = sharding.to_global(
-            {
-                "image": dataset.images[indices],
-                "label": dataset.labels[indices],
-                "index": indices.astype(np.int32),
-            },
-            mesh,
-        )
+        local = {name: values[indices] for name, values in arrays.items()}
+        local["index"] = indices.astype(np.int32)
+        batch = sharding.to_global(local, mesh)
         state, metrics = step(state, batch, jax.random.fold_in(base_key, epoch))
         images_seen += batch_size
         log_images += batch_size
@@ -414,7 +416,7 @@ def fit(
             history.append({"step": done, **scalars})
             if writer is not None:
                 writer.write_scalars(done, {f"{prefix}/{k}": v for k, v in scalars.items()})
-            bar.set_postfix(loss=f"{scalars['loss']:.4f}", acc=f"{scalars['accuracy']:.3f}")
+            bar.set_postfix({k: f"{scalars[k]:.4f}" for k in ("loss", "accuracy") if k in scalars})
         if checkpoint_now:
             manager.save(done, checkpoint_tree(state))
             if epoch_done and on_epoch_end is not None:

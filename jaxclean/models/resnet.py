@@ -81,7 +81,8 @@ class ResNet(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, return_features: bool = False):
+        """Logits, or with return_features the pooled features the logits are made from."""
         x = x.astype(self.dtype)
         if self.stem == "cifar":
             x = nn.Conv(self.width, (3, 3), padding=1, use_bias=False, dtype=self.dtype)(x)
@@ -95,7 +96,9 @@ class ResNet(nn.Module):
             for index in range(num_blocks):
                 strides = 2 if stage > 0 and index == 0 else 1
                 x = self.block(self.width * 2**stage, strides, dtype=self.dtype)(x, train)
-        features = jnp.mean(x, axis=(1, 2))
+        features = jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
+        if return_features:
+            return features
         return nn.Dense(self.num_classes, dtype=jnp.float32)(features)
 
 

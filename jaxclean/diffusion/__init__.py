@@ -1,0 +1,1 @@
+"""Diffusion generators: the adapter over diffusers' Flax classes, training, and the sampler."""

@@ -1,0 +1,164 @@
+"""Training the self-trained generator: the VAE, then the denoiser on its latents.
+
+Both phases run through train.fit, so they shard over the mesh, checkpoint with Orbax and
+resume after a kill like every classifier does. Between them, the VAE latents and the encoder
+embeddings of the training split are computed once: the denoiser's steps then touch neither.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxclean import sharding, train
+from jaxclean.data import ImageDataset
+from jaxclean.diffusion import adapter
+from jaxclean.diffusion.generator import (
+    EMATrainState,
+    LatentDiffusion,
+    denoiser_train_step,
+    init_denoiser_params,
+    vae_train_step,
+)
+from jaxclean.metrics import MetricWriter
+
+
+def batched_apply(fn, params, arrays: tuple, batch_size: int, mesh) -> list[np.ndarray]:
+    """Applies jitted fn(params, *batch) over every row, padding the last batch.
+
+    Returns one numpy array per output of fn, rows in order.
+    """
+    num = len(arrays[0])
+    rows = sharding.process_rows(batch_size)
+    outputs = None
+    for start in range(0, num, batch_size):
+        chunk = [a[start : start + batch_size] for a in arrays]
+        valid = len(chunk[0])
+        if valid < batch_size:
+            chunk = [np.concatenate([c, np.repeat(c[:1], batch_size - valid, 0)]) for c in chunk]
+        batch = sharding.to_global({str(i): c[rows] for i, c in enumerate(chunk)}, mesh)
+        result = fn(params, *(batch[str(i)] for i in range(len(chunk))))
+        result = result if isinstance(result, tuple) else (result,)
+        host = [sharding.to_host(r)[:valid] for r in result]
+        outputs = [[h] for h in host] if outputs is None else [o + [h] for o, h in zip(outputs, host)]
+    return [np.concatenate(o) for o in outputs]
+
+
+def _adam(learning_rate: float, clip: float = 1.0):
+    return optax.chain(optax.clip_by_global_norm(clip), optax.adam(learning_rate))
+
+
+def train_vae(model: LatentDiffusion, dataset: ImageDataset, config, directory: str, mesh,
+              writer: MetricWriter, seed: int) -> dict:
+    """Phase 1: the autoencoder. Returns its (EMA) parameters."""
+    tx = _adam(config.learning_rate)
+    generator_shape = (model.image_size, model.image_size, model.image_shape[-1])
+    init = functools.partial(adapter.init_vae, model.vae, image_shape=generator_shape)
+    state = jax.jit(
+        lambda key: EMATrainState.create(init(rng=key), tx), out_shardings=sharding.replicated(mesh)
+    )(jax.random.key(seed))
+    step = train.jit_step(
+        functools.partial(vae_train_step, model=model, kl_weight=config.kl_weight,
+                          ema_decay=config.ema_decay),
+        mesh,
+    )
+    result = train.fit(
+        state, step, dataset, batch_size=config.batch_size, num_epochs=config.num_epochs,
+        seed=seed, mesh=mesh, checkpoint_dir=os.path.join(directory, "vae_checkpoints"),
+        writer=writer, prefix="generator/vae", log_every_steps=config.log_every_steps,
+        checkpoint_every_steps=config.checkpoint_every_steps, description="generator vae",
+    )
+    return result.state.ema_params
+
+
+def encode_dataset(model: LatentDiffusion, params: dict, dataset: ImageDataset, batch_size: int,
+                   mesh) -> dict:
+    """Embeddings and VAE posterior (mean, std) of every image, for the denoiser's training."""
+
+    @jax.jit
+    def features(params, images):
+        mean, std = adapter.encode(
+            model.vae, params["vae"], model.to_generator_space(train.normalize(images))
+        )
+        raw = model.encoder.apply(
+            params["encoder"], train.normalize(images), train=False, return_features=True
+        )
+        return raw, mean, std
+
+    raw, mean, std = batched_apply(features, params, (dataset.images,), batch_size, mesh)
+    return {"features": raw, "latent_mean": mean, "latent_std": std}
+
+
+def train_denoiser(model: LatentDiffusion, fields: dict, config, cond_dropout: float,
+                   directory: str, mesh, writer: MetricWriter, seed: int) -> dict:
+    """Phase 2: the conditional UNet on precomputed latents. Returns its EMA parameters."""
+    tx = _adam(config.learning_rate)
+    state = jax.jit(
+        lambda key: EMATrainState.create(init_denoiser_params(model, key), tx),
+        out_shardings=sharding.replicated(mesh),
+    )(jax.random.key(seed + 1))
+    step = train.jit_step(
+        functools.partial(denoiser_train_step, model=model, cond_dropout=cond_dropout,
+                          ema_decay=config.ema_decay),
+        mesh,
+    )
+    result = train.fit(
+        state, step, fields, batch_size=config.batch_size, num_epochs=config.num_epochs,
+        seed=seed + 1, mesh=mesh, checkpoint_dir=os.path.join(directory, "unet_checkpoints"),
+        writer=writer, prefix="generator/unet", log_every_steps=config.log_every_steps,
+        checkpoint_every_steps=config.checkpoint_every_steps, description="generator unet",
+    )
+    return result.state.ema_params
+
+
+def train_generator(model: LatentDiffusion, dataset: ImageDataset, encoder_variables: dict,
+                    gen_config, directory: str, mesh, writer: MetricWriter, seed: int) -> dict:
+    """Trains VAE then denoiser on `dataset`; returns the sampler's parameter pytree."""
+    vae_params = train_vae(model, dataset, gen_config.vae, directory, mesh, writer, seed)
+    params = {"encoder": encoder_variables, "vae": vae_params}
+    encoded = encode_dataset(model, params, dataset, gen_config.encode_batch_size, mesh)
+    features = encoded["features"]
+    embed_mean = features.mean(0)
+    embed_std = features.std(0) + 1e-6
+    # Scale latents to unit variance, as SD's 0.18215 does for its VAE.
+    latent_scale = float(1.0 / np.sqrt(np.mean(encoded["latent_mean"] ** 2 + encoded["latent_std"] ** 2)))
+    fields = {
+        "latent_mean": encoded["latent_mean"] * latent_scale,
+        "latent_std": encoded["latent_std"] * latent_scale,
+        "embedding": (features - embed_mean) / embed_std,
+        "label": dataset.labels,
+    }
+    denoiser = train_denoiser(model, fields, gen_config.unet, gen_config.cond_dropout, directory,
+                              mesh, writer, seed)
+    return {
+        **params,
+        "unet": denoiser["unet"],
+        "label_table": denoiser["label_table"],
+        "embed_mean": jnp.asarray(embed_mean),
+        "embed_std": jnp.asarray(embed_std),
+        "latent_scale": jnp.asarray(latent_scale, jnp.float32),
+    }
+
+
+def abstract_params(model: LatentDiffusion, encoder_variables_like) -> dict:
+    """Shapes of the sampler's parameters, to check a checkpoint against the architecture."""
+    size = model.image_size
+    vae = jax.eval_shape(
+        functools.partial(adapter.init_vae, model.vae, image_shape=(size, size, model.image_shape[-1])),
+        jax.random.key(0),
+    )
+    denoiser = jax.eval_shape(functools.partial(init_denoiser_params, model), jax.random.key(0))
+    return {
+        "encoder": encoder_variables_like,
+        "vae": vae,
+        "unet": denoiser["unet"],
+        "label_table": denoiser["label_table"],
+        "embed_mean": jax.ShapeDtypeStruct((model.embed_dim,), jnp.float32),
+        "embed_std": jax.ShapeDtypeStruct((model.embed_dim,), jnp.float32),
+        "latent_scale": jax.ShapeDtypeStruct((), jnp.float32),
+    }
