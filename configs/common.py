@@ -97,6 +97,9 @@ def generator_config(**overrides) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict(
         dict(
             name="latent_diffusion",
+            # A generator directory (WORKDIR/generator) from another run to reuse instead of
+            # training one; it must have been made from the same config and trusted split.
+            pretrained="",
             # "trusted" (the method), or "poisoned_train": a generator (and encoder) that saw
             # the trigger, to test the method's premise.
             train_split="trusted",
@@ -141,6 +144,8 @@ def generator_config(**overrides) -> ml_collections.ConfigDict:
 def regenerate_config(**overrides) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict(
         dict(
+            # Names the output (WORKDIR/regenerated/<name>), so variants share a workdir.
+            name="variations",
             steps=20,
             eta=0.0,
             guidance=3.0,
@@ -155,6 +160,18 @@ def regenerate_config(**overrides) -> ml_collections.ConfigDict:
     return config
 
 
+def diagnostics_config(**overrides) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict(
+        dict(
+            test_size=1000,  # Test images whose variations the teacher is measured on.
+            # The plain classifier of the trigger-learnability test: small and quick.
+            learnability=classifier_recipe(width=8, num_epochs=3, lr_decay_epochs=(2,)),
+        )
+    )
+    config.update(overrides)
+    return config
+
+
 def base_config(data, attack) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
@@ -163,4 +180,5 @@ def base_config(data, attack) -> ml_collections.ConfigDict:
     config.teacher = classifier_recipe()
     config.generator = generator_config()
     config.regenerate = regenerate_config()
+    config.diagnostics = diagnostics_config()
     return config

@@ -12,13 +12,18 @@ def get_config(arg=None):
     del arg
     data = common.fashion_mnist_data(trusted_size=40, train_limit=200, test_limit=64)
     config = common.base_config(data, common.badnets_attack())
-    config.teacher = common.classifier_recipe(
-        model="cifar_resnet20",
-        width=4,
-        num_epochs=2,
-        lr_decay_epochs=(1,),
-        batch_size=32,
-        log_every_steps=2,
-        eval_batch_size=32,
+    tiny = dict(width=4, num_epochs=2, lr_decay_epochs=(1,), batch_size=32, log_every_steps=2,
+                eval_batch_size=32)
+    config.teacher = common.classifier_recipe(**tiny)
+    small_nets = dict(block_out_channels=(32, 32), num_epochs=1, batch_size=16, log_every_steps=2,
+                      checkpoint_every_steps=0)
+    config.generator = common.generator_config(
+        encoder=common.classifier_recipe(**tiny), encode_batch_size=32
+    )
+    config.generator.vae.update(small_nets)
+    config.generator.unet.update(dict(small_nets, num_train_timesteps=100))
+    config.regenerate = common.regenerate_config(steps=3, shard_size=64, per_device_batch=16)
+    config.diagnostics = common.diagnostics_config(
+        test_size=32, learnability=common.classifier_recipe(**dict(tiny, num_epochs=1))
     )
     return config

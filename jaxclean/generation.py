@@ -1,0 +1,386 @@
+"""Stages that make and measure the variations: encoder, generator, regenerate, diagnostics."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import jax
+import numpy as np
+
+from jaxclean import attacks, checkpointing, evaluate, images, regenerate, report, sharding, train
+from jaxclean.artifacts import atomic_write_bytes, read_json
+from jaxclean.data import ImageDataset
+from jaxclean.diffusion import generator as generator_lib
+from jaxclean.diffusion import sampler as sampler_lib
+from jaxclean.diffusion import trainer
+from jaxclean.experiment import (
+    ConfigError,
+    Experiment,
+    load_classifier,
+    log,
+    require_poison_plan,
+    train_classifier,
+)
+
+GENERATOR_SPLITS = ("trusted", "poisoned_train")
+
+
+def validate_config(config) -> None:
+    """Generator and sampler settings that are wrong whatever the data."""
+    if config.generator.train_split not in GENERATOR_SPLITS:
+        raise ConfigError(
+            f"generator.train_split {config.generator.train_split!r}: use one of {GENERATOR_SPLITS}"
+        )
+    if config.generator.condition not in generator_lib.CONDITIONS:
+        raise ConfigError(
+            f"generator.condition {config.generator.condition!r}: use one of "
+            f"{generator_lib.CONDITIONS}"
+        )
+    try:
+        sampler_lib.SamplerSettings(
+            steps=config.regenerate.steps, eta=config.regenerate.eta,
+            guidance=config.regenerate.guidance, strength=config.regenerate.strength,
+        )
+    except sampler_lib.SamplerError as e:
+        raise ConfigError(str(e)) from e
+
+
+def generator_split(exp: Experiment) -> ImageDataset:
+    """What the encoder and generator learn from: trusted (the method) or poisoned train."""
+    split = exp.config.generator.train_split
+    if split == "trusted":
+        return exp.splits.trusted
+    if split == "poisoned_train":
+        require_poison_plan(exp)
+        return exp.poisoned_train
+    raise ConfigError(f"generator.train_split {split!r}: use one of {GENERATOR_SPLITS}")
+
+
+def _split_spec(exp: Experiment) -> dict:
+    spec = {**exp.data_spec(), "train_split": exp.config.generator.train_split}
+    if exp.config.generator.train_split == "poisoned_train":
+        spec["attack"] = exp.config.attack
+    return spec
+
+
+def encoder_stage(exp: Experiment) -> None:
+    """The generator's semantic encoder: a classifier trained on the generator's split."""
+    split = generator_split(exp)
+    spec = {**_split_spec(exp), "encoder": exp.config.generator.encoder,
+            "split_fingerprint": split.fingerprint()}
+    train_classifier(exp, "encoder", split, exp.config.generator.encoder, spec)
+
+
+def _generator_spec(exp: Experiment, split: ImageDataset) -> dict:
+    gen = exp.config.generator.to_dict()
+    gen.pop("pretrained", None)  # Where the weights come from does not change what they are.
+    return {**_split_spec(exp), "generator": gen, "split_fingerprint": split.fingerprint()}
+
+
+def build_generator(exp: Experiment) -> generator_lib.LatentDiffusion:
+    config = exp.config.generator
+    if config.name != "latent_diffusion":
+        raise ConfigError(f"unknown generator {config.name!r}; known: ['latent_diffusion']")
+    return generator_lib.build(config, exp.splits.train.image_shape, exp.splits.train.num_classes)
+
+
+def generator_stage(exp: Experiment) -> None:
+    """Trains the image-variation generator (or adopts a pretrained one whose provenance matches)."""
+    split = generator_split(exp)
+    record = exp.record("generator", _generator_spec(exp, split))
+    if record.is_done():
+        log(f"generator: done already ({record.path('model')})")
+        return
+    record.claim()
+    model = build_generator(exp)
+    pretrained = exp.config.generator.get("pretrained", "")
+    if pretrained:
+        params = _adopt_pretrained(exp, model, pretrained, record.spec)
+    else:
+        encoder_model, encoder_variables = load_classifier(
+            exp, "encoder", exp.config.generator.encoder, split.num_classes
+        )
+        params = trainer.train_generator(
+            model, split, encoder_variables, exp.config.generator, record.directory, exp.mesh,
+            exp.writer, exp.config.seed,
+        )
+        checkpointing.save_tree(record.path("model"), jax.device_get(params))
+    if exp.is_writer:
+        _save_samples(exp, model, params, split, record.path("samples.png"))
+        record.mark_done({"trained_on": exp.config.generator.train_split,
+                          "pretrained": pretrained or None})
+    log(f"generator: ready; samples in {record.path('samples.png')}")
+
+
+def _adopt_pretrained(exp, model, directory: str, spec: dict):
+    """Loads a generator trained elsewhere, if it was trained on this very split and config."""
+    done_path = os.path.join(directory, "done.json")
+    spec_path = os.path.join(directory, "spec.json")
+    if not (os.path.exists(done_path) and os.path.exists(spec_path)):
+        raise ConfigError(f"pretrained generator {directory!r} has no finished generator stage")
+    theirs = read_json(spec_path)
+    if theirs != spec:
+        raise ConfigError(
+            f"pretrained generator {directory!r} was made from another config or split "
+            "(its spec.json differs from this run's); retrain it or fix generator.pretrained"
+        )
+    return load_generator_params(exp, model, os.path.join(directory, "model"))
+
+
+def load_generator_params(exp: Experiment, model, path: str) -> dict:
+    """The generator's parameters, checked against the configured architecture."""
+    if not os.path.isdir(path):
+        raise ConfigError(f"no generator checkpoint at {path}: run --stages=generator first")
+    encoder_like = jax.eval_shape(
+        model.encoder.init, jax.random.key(0), np.zeros((1, *model.image_shape), np.float32)
+    )
+    like = trainer.abstract_params(model, encoder_like)
+    try:
+        params = checkpointing.load_tree(path)
+    except Exception as e:  # Orbax raises various types for unreadable trees.
+        raise ConfigError(f"cannot read generator checkpoint {path}: {e}") from e
+    expected = jax.tree.map(lambda x: tuple(x.shape), like)
+    got = jax.tree.map(lambda x: tuple(np.shape(x)), params)
+    if jax.tree.structure(expected) != jax.tree.structure(got) or expected != got:
+        raise ConfigError(
+            f"generator checkpoint {path} is of another architecture than "
+            "config.generator describes (parameter names or shapes differ)"
+        )
+    return params
+
+
+def _save_samples(exp, model, params, split: ImageDataset, path: str) -> None:
+    """One source per class, then variations of it drawn with three different keys."""
+    first = [int(np.flatnonzero(split.labels == c)[0]) for c in range(split.num_classes)
+             if (split.labels == c).any()]
+    mesh = sharding.make_mesh(jax.local_devices()[:1])
+    settings = _sampler_settings(exp)
+    sample = sampler_lib.make_sampler(model, settings, mesh)
+    sources = split.images[first]
+    rows = [sources]
+    for seed in range(3):
+        rows.append(np.asarray(sample(params, sources, np.arange(len(first), dtype=np.int32),
+                                      split.labels[first], jax.random.key(seed))))
+    images.save_png(path, images.grid(rows))
+
+
+def _sampler_settings(exp: Experiment) -> sampler_lib.SamplerSettings:
+    config = exp.config.regenerate
+    try:
+        return sampler_lib.SamplerSettings(
+            steps=config.steps, eta=config.eta, guidance=config.guidance,
+            strength=config.strength, color_transfer=config.color_transfer,
+        )
+    except sampler_lib.SamplerError as e:
+        raise ConfigError(str(e)) from e
+
+
+def variations_dir(exp: Experiment) -> str:
+    return os.path.join(exp.workdir, "regenerated", exp.config.regenerate.name)
+
+
+def _regenerate_record(exp: Experiment):
+    generator_done = os.path.join(exp.workdir, "generator", "done.json")
+    if not os.path.exists(generator_done):
+        raise ConfigError(
+            f"no generator checkpoint in {exp.workdir}: run --stages=encoder,generator first "
+            "(or set generator.pretrained)"
+        )
+    spec = {
+        **exp.poison_spec(),
+        "regenerate": exp.config.regenerate,
+        "generator": read_json(generator_done)["spec_fingerprint"],
+        "poisoned_fingerprint": exp.plan.poisoned_fingerprint,
+    }
+    return exp.record(os.path.join("regenerated", exp.config.regenerate.name), spec)
+
+
+def _placed_sampler(exp: Experiment, mesh):
+    model = build_generator(exp)
+    params = load_generator_params(exp, model, os.path.join(exp.workdir, "generator", "model"))
+    params = jax.device_put(params, sharding.replicated(mesh))  # Once, not per batch.
+    return model, sampler_lib.make_sampler(model, _sampler_settings(exp), mesh), params
+
+
+def regenerate_stage(exp: Experiment) -> None:
+    """A variation of every (poisoned) training image, written in resumable shards."""
+    settings = _sampler_settings(exp)  # Bad settings fail before anything loads.
+    require_poison_plan(exp)
+    record = _regenerate_record(exp)
+    if record.is_done():
+        log(f"regenerate: done already ({record.directory})")
+        return
+    record.claim()
+    config = exp.config.regenerate
+    mesh = sharding.local_mesh()
+    _, sample, params = _placed_sampler(exp, mesh)
+    log(f"regenerate: {len(exp.poisoned_train)} images, {settings.steps} steps, strength "
+        f"{settings.strength}, guidance {settings.guidance}, on {mesh.size} device(s) per process")
+    stats = regenerate.regenerate(
+        exp.poisoned_train, sample, params, record.directory, shard_size=config.shard_size,
+        per_device_batch=config.per_device_batch, seed=config.seed, mesh=mesh,
+    )
+    if exp.is_writer:
+        variations = load_variations(exp)
+        _save_triptych(exp, variations, record.path("grid.png"))
+        report.update_results(exp.workdir, diagnostics={
+            f"{config.name}/sampler_images_per_second": round(stats["images_per_second"], 2)})
+        record.mark_done(stats)
+    log(f"regenerate: {stats}")
+
+
+def load_variations(exp: Experiment) -> ImageDataset:
+    train = exp.poisoned_train
+    return regenerate.load_variations(
+        variations_dir(exp), len(train), exp.config.regenerate.shard_size, train.image_shape,
+        train.class_names,
+    )
+
+
+def _save_triptych(exp: Experiment, variations: ImageDataset, path: str) -> None:
+    """Rows of original | poisoned | variation: the first 8 clean, then the first 8 poisoned."""
+    poisoned = exp.plan.indices
+    clean = np.setdiff1d(np.arange(len(variations)), poisoned)[:8]
+    rows = []
+    for chosen in (clean, poisoned[:8]):
+        if len(chosen) == 0:
+            continue
+        rows += [exp.splits.train.images[chosen], exp.poisoned_train.images[chosen],
+                 variations.images[chosen]]
+    images.save_png(path, images.grid(rows))
+
+
+# ----------------------------------------------------------------------------- diagnostics
+
+
+def diagnostics_stage(exp: Experiment) -> None:
+    """Measures what the variations carry: trigger, content, artefacts (issue: regeneration)."""
+    if exp.config.attack.name == "none":
+        log("diagnostics: no attack configured; nothing to measure")
+        return
+    name = exp.config.regenerate.name
+    record = _regenerate_record(exp)
+    if not record.is_done():
+        raise ConfigError(f"variations {name!r} are not finished: run --stages=regenerate first")
+    teacher_model, teacher_vars = load_classifier(
+        exp, "teacher", exp.config.teacher, exp.splits.train.num_classes
+    )
+    results = {}
+    results.update(_teacher_on_test_variations(exp, teacher_model, teacher_vars))
+    results.update(_trigger_learnability(exp))
+    if exp.is_writer:
+        report.update_results(exp.workdir, diagnostics={f"{name}/{k}": v for k, v in results.items()})
+    for key, value in results.items():
+        log(f"diagnostics {name}: {key} = {value}")
+
+
+def _test_variation_sets(exp: Experiment) -> dict:
+    """Variations of a test subset, clean and triggered, cached in the diagnostics directory."""
+    config = exp.config.diagnostics
+    test = exp.splits.test
+    subset = np.arange(min(config.test_size, len(test)))
+    clean = test.subset(subset)
+    non_target = subset[clean.labels != exp.config.attack.target]
+    trigger = attacks.make_trigger(exp.config.attack)
+    triggered_images = trigger.apply(test.images[non_target], non_target, stream="test")
+    path = os.path.join(variations_dir(exp), "test_variations.npz")
+    cached = None
+    if os.path.exists(path):
+        try:
+            with np.load(path) as f:
+                cached = {k: f[k] for k in f.files}
+        except (OSError, ValueError, EOFError):
+            cached = None
+    if cached is None or len(cached["clean"]) != len(subset):
+        mesh = sharding.local_mesh()
+        _, sample, params = _placed_sampler(exp, mesh)
+        batch = exp.config.regenerate.per_device_batch * mesh.size
+        # Test images get their own key so no variation shares noise with a training image.
+        key = jax.random.fold_in(jax.random.key(exp.config.regenerate.seed), 1)
+
+        def vary(images_, indices, labels):
+            out = []
+            for start in range(0, len(indices), batch):
+                rows = slice(start, start + batch)
+                valid = len(indices[rows])
+                pad = lambda a: np.concatenate([a, np.repeat(a[-1:], batch - valid, 0)])  # noqa: E731
+                result = sample(params, pad(images_[rows]), pad(indices[rows]).astype(np.int32),
+                                pad(labels[rows]).astype(np.int32), key)
+                out.append(np.asarray(result)[:valid])
+            return np.concatenate(out)
+
+        cached = {
+            "clean": vary(clean.images, subset, clean.labels),
+            # The same index as its clean twin: the same noise, so only the trigger differs.
+            "triggered": vary(triggered_images, non_target, test.labels[non_target]),
+        }
+        if exp.is_writer:
+            buffer = io.BytesIO()
+            np.savez(buffer, **cached)
+            atomic_write_bytes(path, buffer.getvalue())
+    return {
+        "subset": subset,
+        "non_target": non_target,
+        "clean_variations": cached["clean"],
+        "triggered_variations": cached["triggered"],
+        "triggered_images": triggered_images,
+    }
+
+
+def _teacher_on_test_variations(exp, teacher_model, teacher_vars) -> dict:
+    sets = _test_variation_sets(exp)
+    test, target = exp.splits.test, exp.config.attack.target
+    predict_fn = train.make_predict_fn(teacher_model.apply, exp.mesh)
+    batch = exp.config.teacher.eval_batch_size
+
+    def predicted(images_):
+        return evaluate.predictions(predict_fn, teacher_vars, images_, batch, exp.mesh)
+
+    subset, non_target = sets["subset"], sets["non_target"]
+    labels = test.labels[subset]
+    original = predicted(test.images[subset])
+    varied = predicted(sets["clean_variations"])
+    is_non_target = labels != target
+    varied_triggered = predicted(sets["triggered_variations"])
+    target_rate = lambda p: float(np.mean(p == target))  # noqa: E731
+    return {
+        "content_kept/teacher_accuracy_on_variations": float(np.mean(varied == labels)),
+        "content_kept/teacher_accuracy_on_originals": float(np.mean(original == labels)),
+        "artefact_activation/target_rate_on_variations": target_rate(varied[is_non_target]),
+        "artefact_activation/target_rate_on_originals": target_rate(original[is_non_target]),
+        "trigger_survival/target_rate_triggered_variations": target_rate(varied_triggered),
+        "trigger_survival/target_rate_clean_variations": target_rate(varied[is_non_target]),
+        "trigger_survival/difference": target_rate(varied_triggered)
+        - target_rate(varied[is_non_target]),
+        "test_subset_size": int(len(subset)),
+        "triggered_subset_size": int(len(non_target)),
+    }
+
+
+def _trigger_learnability(exp: Experiment) -> dict:
+    """Can a plain classifier learn the trigger from the variations and their poisoned labels?
+
+    Compared with the same classifier trained on the clean originals: a clean model's ASR is
+    the floor, since some non-target images look like the target to any model.
+    """
+    require_poison_plan(exp)
+    recipe = exp.config.diagnostics.learnability
+    name = exp.config.regenerate.name
+    variations = load_variations(exp)
+    base = {**exp.poison_spec(), "recipe": recipe}
+    on_variations = train_classifier(
+        exp, f"learnability/{name}", variations, recipe,
+        {**base, "variations": _regenerate_record(exp).spec_fingerprint},
+        report_section="diagnostics",
+    )
+    clean = train_classifier(
+        exp, "learnability/clean_originals", exp.splits.train, recipe,
+        {**exp.data_spec(), "recipe": recipe, "attack_for_eval": exp.config.attack},
+        report_section="diagnostics",
+    )
+    return {
+        "trigger_learnability/asr_trained_on_variations": on_variations["attack_success_rate"],
+        "trigger_learnability/asr_clean_model": clean["attack_success_rate"],
+        "trigger_learnability/ca_trained_on_variations": on_variations["clean_accuracy"],
+    }
