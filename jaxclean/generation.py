@@ -109,7 +109,8 @@ def generator_stage(exp: Experiment) -> None:
     if exp.is_writer:
         _save_samples(exp, model, params, split, record.path("samples.png"))
         record.mark_done({"trained_on": exp.config.generator.train_split,
-                          "pretrained": pretrained or None})
+                          "pretrained": pretrained or None,
+                          "image_shape": list(model.image_shape)})
     log(f"generator: ready; samples in {record.path('samples.png')}")
 
 
@@ -125,10 +126,10 @@ def _adopt_pretrained(exp, model, directory: str, spec: dict):
             f"pretrained generator {directory!r} was made from another config or split "
             "(its spec.json differs from this run's); retrain it or fix generator.pretrained"
         )
-    return load_generator_params(exp, model, os.path.join(directory, "model"))
+    return load_generator_params(model, os.path.join(directory, "model"))
 
 
-def load_generator_params(exp: Experiment, model, path: str) -> dict:
+def load_generator_params(model, path: str) -> dict:
     """The generator's parameters, checked against the configured architecture."""
     if not os.path.isdir(path):
         raise ConfigError(f"no generator checkpoint at {path}: run --stages=generator first")
@@ -187,10 +188,17 @@ def _regenerate_record(exp: Experiment):
             f"no generator checkpoint in {exp.workdir}: run --stages=encoder,generator first "
             "(or set generator.pretrained)"
         )
+    generator_record = read_json(generator_done)
+    image_shape = list(exp.splits.train.image_shape)
+    if generator_record.get("image_shape", image_shape) != image_shape:
+        raise ConfigError(
+            f"the generator in {exp.workdir} makes {generator_record['image_shape']} images but "
+            f"the training images are {image_shape}"
+        )
     spec = {
         **exp.poison_spec(),
         "regenerate": exp.config.regenerate,
-        "generator": read_json(generator_done)["spec_fingerprint"],
+        "generator": generator_record["spec_fingerprint"],
         "poisoned_fingerprint": exp.plan.poisoned_fingerprint,
     }
     return exp.record(os.path.join("regenerated", exp.config.regenerate.name), spec)
@@ -198,7 +206,7 @@ def _regenerate_record(exp: Experiment):
 
 def _placed_sampler(exp: Experiment, mesh):
     model = build_generator(exp)
-    params = load_generator_params(exp, model, os.path.join(exp.workdir, "generator", "model"))
+    params = load_generator_params(model, os.path.join(exp.workdir, "generator", "model"))
     params = jax.device_put(params, sharding.replicated(mesh))  # Once, not per batch.
     return model, sampler_lib.make_sampler(model, _sampler_settings(exp), mesh), params
 

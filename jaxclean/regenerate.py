@@ -19,7 +19,7 @@ import zipfile
 import jax
 import numpy as np
 
-from jaxclean import sharding
+from jaxclean import faults, sharding
 from jaxclean.artifacts import atomic_write_bytes
 from jaxclean.data import ImageDataset
 from jaxclean.metrics import progress
@@ -112,18 +112,19 @@ def regenerate(
             rows = indices[start : start + batch]
             valid = len(rows)
             padded = np.concatenate([rows, np.repeat(rows[-1:], batch - valid)])
-            images = sampler(
-                params,
-                dataset.images[padded],
-                padded.astype(np.int32),
-                dataset.labels[padded].astype(np.int32),
-                key,
+            # Placed explicitly: with several processes, jit takes no host arrays for a mesh.
+            rows_on_mesh = jax.device_put(
+                (dataset.images[padded], padded.astype(np.int32),
+                 dataset.labels[padded].astype(np.int32)),
+                sharding.data_sharding(mesh),
             )
+            images = sampler(params, *rows_on_mesh, key)
             outputs.append(np.asarray(images)[:valid])
             generated += valid
             bar.update(valid)
         write_shard(path, np.concatenate(outputs), dataset.labels[indices], indices)
         written += 1
+        faults.kill_point(description, shard)
     bar.close()
     seconds = time.perf_counter() - started
     sharding.barrier("regenerate")

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
-import signal
 import time
 from collections.abc import Callable
 
@@ -20,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxclean import checkpointing, sharding
+from jaxclean import checkpointing, faults, sharding
 from jaxclean.data import ImageDataset
 from jaxclean.metrics import MetricWriter, progress
 
@@ -422,23 +420,12 @@ def fit(
             if epoch_done and on_epoch_end is not None:
                 on_epoch_end(epoch + 1, state)
         bar.update(1)
-        _inject_fault(done)
+        faults.kill_point(description, done)
     bar.close()
     manager.wait()
     manager.close()
     wall = time.perf_counter() - started
     return FitResult(state, total_steps - start, wall, images_seen / max(wall, 1e-9), history)
-
-
-def _inject_fault(step: int) -> None:
-    """SIGKILLs this process after `step` when JAXCLEAN_KILL_AFTER_STEP says so.
-
-    Tests use it to crash a run at a known point, exactly as `kill -9` would: no cleanup runs
-    and an asynchronous checkpoint may be caught mid-write.
-    """
-    kill_after = os.environ.get("JAXCLEAN_KILL_AFTER_STEP")
-    if kill_after and step == int(kill_after):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fail_on_nonfinite(scalars: dict, step: int) -> None:

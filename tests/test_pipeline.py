@@ -50,7 +50,7 @@ def test_kill_during_training_then_rerun_matches_uninterrupted(idx_dir, tmp_path
     uninterrupted = run_launch(smoke_args(clean_dir, idx_dir, *extra))
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
     killed = run_launch(smoke_args(crash_dir, idx_dir, *extra),
-                        env={"JAXCLEAN_KILL_AFTER_STEP": "7"})
+                        env={"JAXCLEAN_KILL_AT": "teacher:7"})
     assert killed.returncode == -9
     assert not os.path.exists(os.path.join(crash_dir, "teacher", "done.json"))
     resumed = run_launch(smoke_args(crash_dir, idx_dir, *extra))

@@ -162,3 +162,20 @@ def abstract_params(model: LatentDiffusion, encoder_variables_like) -> dict:
         "embed_std": jax.ShapeDtypeStruct((model.embed_dim,), jnp.float32),
         "latent_scale": jax.ShapeDtypeStruct((), jnp.float32),
     }
+
+
+def random_params(model: LatentDiffusion, rng) -> dict:
+    """Untrained parameters of every part: for tests and benchmarks, never for regeneration."""
+    keys = jax.random.split(rng, 3)
+    size = model.image_size
+    encoder = model.encoder.init(keys[0], jnp.zeros((1, *model.image_shape)))
+    denoiser = init_denoiser_params(model, keys[2])
+    return {
+        "encoder": encoder,
+        "vae": adapter.init_vae(model.vae, keys[1], (size, size, model.image_shape[-1])),
+        "unet": denoiser["unet"],
+        "label_table": denoiser["label_table"],
+        "embed_mean": jnp.zeros((model.embed_dim,)),
+        "embed_std": jnp.ones((model.embed_dim,)),
+        "latent_scale": jnp.asarray(1.0, jnp.float32),
+    }

@@ -1,0 +1,57 @@
+"""Runs the regeneration driver on a tiny random-weight generator, as one process of a run.
+
+Tests start it as a subprocess to choose the number of devices (XLA_FLAGS) and processes.
+Random weights make meaningless but deterministic images, which is all determinism needs; the
+colour transfer gives them each source's statistics, so they are not constant.
+"""
+
+import argparse
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tests"))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--per_device_batch", type=int, default=4)
+    parser.add_argument("--num_images", type=int, default=60)
+    parser.add_argument("--shard_size", type=int, default=16)
+    parser.add_argument("--process_id", type=int)
+    parser.add_argument("--num_processes", type=int)
+    parser.add_argument("--coordinator")
+    args = parser.parse_args()
+
+    from jaxclean import distributed
+
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    import jax
+    import numpy as np
+    from conftest import synthetic_images
+
+    from configs import smoke
+    from jaxclean import regenerate, sharding
+    from jaxclean.data import ImageDataset
+    from jaxclean.diffusion import generator, sampler, trainer
+
+    config = smoke.get_config()
+    model = generator.build(config.generator, (28, 28, 1), 10)
+    params = trainer.random_params(model, jax.random.key(0))
+    images, labels = synthetic_images(args.num_images, seed=3)
+    dataset = ImageDataset(images[..., None], labels.astype(np.int32), tuple("0123456789"))
+    mesh = sharding.local_mesh()
+    params = jax.device_put(params, sharding.replicated(mesh))
+    settings = sampler.SamplerSettings(steps=4, eta=0.5, guidance=2.0)
+    sample = sampler.make_sampler(model, settings, mesh)
+    stats = regenerate.regenerate(
+        dataset, sample, params, args.out, shard_size=args.shard_size,
+        per_device_batch=args.per_device_batch, seed=0, mesh=mesh,
+    )
+    print(f"devices={jax.device_count()} local={mesh.size} {stats}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
