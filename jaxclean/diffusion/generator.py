@@ -41,7 +41,10 @@ class EMATrainState(flax.struct.PyTreeNode):
 
     @classmethod
     def create(cls, params, tx):
-        return cls(jnp.zeros((), jnp.int32), params, params, tx.init(params), tx)
+        # A copy, not the same buffers: the train step donates the state, and one buffer
+        # cannot be donated twice.
+        ema = jax.tree.map(jnp.copy, params)
+        return cls(jnp.zeros((), jnp.int32), params, ema, tx.init(params), tx)
 
     def apply_gradients(self, grads, ema_decay: float):
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params)

@@ -1,0 +1,149 @@
+"""Diffusion pieces: DDIM against diffusers' scheduler, SDEdit strength, colour transfer, the
+generator's train steps, and the errors for bad sampler settings and checkpoints."""
+
+import functools
+import os
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import synthetic_images
+
+from configs import smoke
+from jaxclean import checkpointing, sharding, train
+from jaxclean.diffusion import adapter, generator, sampler, trainer
+from jaxclean.experiment import ConfigError
+
+
+def test_ddim_matches_diffusers_flax_scheduler():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from diffusers import FlaxDDIMScheduler
+
+    scheduler = FlaxDDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
+                                  beta_start=0.00085, beta_end=0.012, set_alpha_to_one=True,
+                                  clip_sample=False)  # Latents are not in [-1, 1].
+    state = scheduler.set_timesteps(scheduler.create_state(), 10)
+    timesteps, previous = sampler.ddim_timesteps(1000, 10, 1.0)
+    np.testing.assert_array_equal(timesteps, np.asarray(state.timesteps))
+    alphas = adapter.alphas_cumprod(1000, "scaled_linear")
+    np.testing.assert_allclose(alphas, np.asarray(state.common.alphas_cumprod), rtol=1e-6)
+    latents = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
+    for t, prev in zip(timesteps, previous):
+        noise_pred = jax.random.normal(jax.random.fold_in(jax.random.key(1), int(t)), latents.shape)
+        expected = scheduler.step(state, noise_pred, int(t), latents).prev_sample
+        alpha_prev = alphas[prev] if prev >= 0 else 1.0
+        got = sampler.ddim_update(latents, noise_pred, alphas[t], alpha_prev, 0.0, 0.0)
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+        latents = expected
+
+
+def test_strength_runs_only_the_last_part_of_the_schedule():
+    full, _ = sampler.ddim_timesteps(1000, 20, 1.0)
+    partial, previous = sampler.ddim_timesteps(1000, 20, 0.3)
+    assert len(full) == 20 and len(partial) == 6
+    np.testing.assert_array_equal(partial, full[-6:])
+    assert previous[-1] < 0
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(steps=0), "steps must be at least 1"),
+        (dict(strength=0.0), r"strength 0.0 must be in \(0, 1\]"),
+        (dict(strength=1.5), r"strength 1.5"),
+        (dict(guidance=0.5), "guidance"),
+        (dict(eta=-1.0), "eta"),
+    ],
+)
+def test_bad_sampler_settings(settings, message):
+    with pytest.raises(sampler.SamplerError, match=message):
+        sampler.SamplerSettings(**settings)
+
+
+def test_colour_transfer_matches_source_statistics():
+    rng = np.random.default_rng(0)
+    variation = jnp.asarray(rng.normal(0.3, 0.1, (2, 8, 8, 3)), jnp.float32)
+    source = jnp.asarray(rng.normal(-0.2, 0.5, (2, 8, 8, 3)), jnp.float32)
+    out = sampler.color_transfer(variation, source)
+    np.testing.assert_allclose(out.mean((1, 2)), source.mean((1, 2)), atol=1e-5)
+    np.testing.assert_allclose(out.std((1, 2)), source.std((1, 2)), rtol=1e-3)
+
+
+def tiny_model():
+    return generator.build(smoke.get_config().generator, (28, 28, 1), 10)
+
+
+def test_generator_train_steps_lower_their_losses():
+    model = tiny_model()
+    mesh = sharding.make_mesh()
+    images, labels = synthetic_images(16, seed=0)
+    batch = sharding.to_global({"image": images[..., None], "label": labels.astype(np.int32),
+                                "index": np.arange(16, dtype=np.int32)}, mesh)
+    params = trainer.random_params(model, jax.random.key(0))
+    vae_state = generator.EMATrainState.create(params["vae"], optax.adam(3e-3))
+    vae_step = train.jit_step(functools.partial(
+        generator.vae_train_step, model=model, kl_weight=1e-6, ema_decay=0.9), mesh)
+    vae_losses = []
+    for _ in range(12):
+        vae_state, metrics = vae_step(vae_state, batch, jax.random.key(0))
+        vae_losses.append(float(metrics["loss"]))
+    assert vae_losses[-1] < 0.7 * vae_losses[0], vae_losses
+    # EMA trails the weights: after training it differs from both init and the weights.
+    leaf = lambda tree: jax.tree.leaves(tree)[0]  # noqa: E731
+    assert not np.allclose(leaf(vae_state.ema_params), leaf(vae_state.params))
+
+    latents = np.asarray(jax.random.normal(jax.random.key(1), (16, *model.latent_shape)))
+    fields = {"latent_mean": latents, "latent_std": np.full_like(latents, 0.01),
+              "embedding": np.eye(16, model.embed_dim, dtype=np.float32),
+              "label": labels.astype(np.int32), "index": np.arange(16, dtype=np.int32)}
+    denoiser_params = {"unet": params["unet"], "label_table": params["label_table"]}
+    state = generator.EMATrainState.create(denoiser_params, optax.adam(3e-3))
+    step = train.jit_step(functools.partial(
+        generator.denoiser_train_step, model=model, cond_dropout=0.1, ema_decay=0.9), mesh)
+    global_fields = sharding.to_global(fields, mesh)
+    losses = []
+    for i in range(30):
+        # A fixed key: the same timesteps and noise each step, so the loss is comparable.
+        state, metrics = step(state, global_fields, jax.random.key(0))
+        losses.append(float(metrics["loss"]))
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+
+
+def test_label_condition_adds_a_token_and_null_rows_differ():
+    config = smoke.get_config().generator
+    config.condition = "embedding+label"
+    model = generator.build(config, (28, 28, 1), 10)
+    table = jnp.arange(11 * model.embed_dim, dtype=jnp.float32).reshape(11, model.embed_dim)
+    embedding = jnp.ones((2, model.embed_dim))
+    context = model.context(table, embedding, jnp.array([3, 4]), jnp.array([False, True]))
+    assert context.shape == (2, 2, model.embed_dim)
+    np.testing.assert_array_equal(context[1, 0], 0.0)  # Dropped embedding: the zero token.
+    np.testing.assert_array_equal(context[1, 1], table[10])  # Dropped label: the null row.
+    np.testing.assert_array_equal(context[0, 1], table[3])
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    from jaxclean.generation import load_generator_params
+
+    model = tiny_model()
+    config = smoke.get_config().generator
+    config.unet.block_out_channels = (32, 64)
+    other = generator.build(config, (28, 28, 1), 10)
+    path = os.path.join(tmp_path, "model")
+    checkpointing.save_tree(path, jax.device_get(trainer.random_params(other, jax.random.key(0))))
+    with pytest.raises(ConfigError, match="another architecture"):
+        load_generator_params(model, path)
+    with pytest.raises(ConfigError, match="no generator checkpoint"):
+        load_generator_params(model, os.path.join(tmp_path, "missing"))
+    assert load_generator_params(other, path)["latent_scale"] == 1.0
+
+
+def test_generator_widths_must_suit_group_norm():
+    config = smoke.get_config().generator
+    config.unet.block_out_channels = (32, 48)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        generator.build(config, (28, 28, 1), 10)
