@@ -108,8 +108,9 @@ def generator_config(**overrides) -> ml_collections.ConfigDict:
             condition="embedding",
             cond_dropout=0.1,  # Lets one model give both branches of classifier-free guidance.
             encode_batch_size=500,
-            # The semantic encoder: a classifier trained on the generator's split.
-            encoder=classifier_recipe(select="last"),
+            # The semantic encoder: a classifier trained on the generator's split. The split is
+            # a fifth of train, so it gets more epochs for a similar number of steps.
+            encoder=classifier_recipe(num_epochs=20, lr_decay_epochs=(14, 18)),
             vae=dict(
                 block_out_channels=(32, 32, 64),
                 layers_per_block=1,

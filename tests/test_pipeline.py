@@ -95,6 +95,11 @@ def test_poison_plan_that_would_differ_is_refused(idx_dir, tmp_path):
         (lambda c: setattr(c.attack.trigger, "size", 29), attacks.AttackError, "larger than"),
         (lambda c: setattr(c.data, "dir", "/nonexistent/fmnist"), data.DataError, "does not exist"),
         (lambda c: setattr(c.teacher, "num_epochs", 0), pipeline.ConfigError, "num_epochs"),
+        (lambda c: setattr(c.regenerate, "strength", 0.0), pipeline.ConfigError, "strength"),
+        (lambda c: setattr(c.regenerate, "strength", 1.2), pipeline.ConfigError, "strength"),
+        (lambda c: setattr(c.regenerate, "steps", 0), pipeline.ConfigError, "steps"),
+        (lambda c: setattr(c.generator, "train_split", "test"), pipeline.ConfigError,
+         "train_split"),
     ],
 )
 def test_bad_input_fails_before_any_work(idx_dir, tmp_path, mutate, error, message):
@@ -147,3 +152,18 @@ def test_configs_load_and_validate():
         config = importlib.import_module(f"configs.{name}").get_config()
         pipeline.validate_config(config)
     assert os.path.exists(os.path.join(REPO, "launch.py"))
+
+
+def test_regenerate_without_a_generator_is_refused(idx_dir, tmp_path):
+    with pytest.raises(pipeline.ConfigError, match="no generator checkpoint"):
+        pipeline.run(smoke_config(idx_dir), str(tmp_path / "run"), "regenerate")
+
+
+def test_generator_for_another_image_size_is_refused(idx_dir, tmp_path):
+    workdir = tmp_path / "run"
+    (workdir / "generator").mkdir(parents=True)
+    (workdir / "generator" / "done.json").write_text(
+        json.dumps({"spec_fingerprint": "x", "image_shape": [32, 32, 3]})
+    )
+    with pytest.raises(pipeline.ConfigError, match=r"makes \[32, 32, 3\] images"):
+        pipeline.run(smoke_config(idx_dir), str(workdir), "regenerate")
