@@ -7,6 +7,8 @@ PY := $(VENV)/bin/python
 FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 DEMO_CONFIG ?= configs/fashion_mnist_badnets_demo.py
 DEMO_WORKDIR ?= runs/demo
+# JAX devices to split the CPU into (launch.py --cpu_devices); must divide the batch sizes.
+CPU_DEVICES ?= 2
 
 .PHONY: install install-bench dataset demo test lint bench clean
 
@@ -37,7 +39,7 @@ dataset:
 	fi
 
 demo: install dataset
-	$(PY) launch.py --config $(DEMO_CONFIG) --workdir $(DEMO_WORKDIR)
+	$(PY) launch.py --config $(DEMO_CONFIG) --workdir $(DEMO_WORKDIR) --cpu_devices=$(CPU_DEVICES)
 
 test: install
 	$(PY) -m pytest -q tests
