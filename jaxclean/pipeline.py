@@ -13,43 +13,38 @@ import time
 
 import jax
 
-from jaxclean import attacks, data, generation, report
+from jaxclean import attacks, data, defense, generation, report
 from jaxclean.artifacts import StageConflict
 from jaxclean.experiment import (
     ConfigError,
     Experiment,
     Stage,
-    require_poison_plan,
     log,
     poison_stage,
-    train_classifier,
     validate_recipe,
 )
 
 
-def teacher_stage(exp: Experiment) -> None:
-    """Trains the (possibly backdoored) teacher on the poisoned training set, as is."""
-    require_poison_plan(exp)
-    spec = {**exp.poison_spec(), "teacher": exp.config.teacher,
-            "poisoned_fingerprint": exp.plan.poisoned_fingerprint}
-    train_classifier(exp, "teacher", exp.poisoned_train, exp.config.teacher, spec)
-
-
 def report_stage(exp: Experiment) -> None:
-    """Writes report/results.md from results.json (launch.py prints the same table)."""
+    """Adds DER, writes report/results.md and report/metrics.png (launch.py prints the table)."""
     if exp.is_writer:
-        report.write_markdown(exp.workdir)
+        report.finalize(exp.workdir)
 
 
 STAGES = {
     stage.name: stage
     for stage in (
         Stage("poison", poison_stage, "poison the training set and record the plan"),
-        Stage("teacher", teacher_stage, "train the teacher on the poisoned set"),
+        Stage("teacher", defense.teacher_stage, "train the teacher on the poisoned set"),
         Stage("encoder", generation.encoder_stage, "train the generator's semantic encoder"),
         Stage("generator", generation.generator_stage, "train the image-variation generator"),
         Stage("regenerate", generation.regenerate_stage, "a variation of every training image"),
         Stage("diagnostics", generation.diagnostics_stage, "what the variations carry"),
+        Stage("student", defense.student_stage, "distill the teacher on the variations"),
+        Stage("variations_only", defense.variations_only_stage, "CE on the variations"),
+        Stage("kd_on_original", defense.kd_on_original_stage, "distill on the originals"),
+        Stage("trusted_only", defense.trusted_only_stage, "CE on the trusted split alone"),
+        Stage("clean_reference", defense.clean_reference_stage, "CE on unpoisoned train"),
         Stage("report", report_stage, "write report/results.md"),
     )
 }
@@ -87,6 +82,8 @@ def validate_config(config) -> None:
             raise attacks.AttackError(f"poisoning rate {config.attack.rate} must be in [0, 1]")
         attacks.make_trigger(config.attack)
     validate_recipe(config.teacher, "teacher")
+    validate_recipe(config.student, "student")
+    defense.validate_distillation(config.student)
     generation.validate_config(config)
 
 

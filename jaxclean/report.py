@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 
 from jaxclean.artifacts import atomic_write_bytes, atomic_write_json, read_json
@@ -11,6 +12,17 @@ METRICS = (
     ("attack_success_rate", "ASR"),
     ("robust_accuracy", "RA"),
 )
+
+
+# Table order: the model under attack, the method, then the baselines.
+MODEL_ORDER = ("teacher", "student", "variations_only", "kd_on_original", "trusted_only",
+               "clean_reference", "encoder")
+
+
+def ordered_models(results: dict) -> list[tuple[str, dict]]:
+    models = results.get("models", {})
+    rank = {name: i for i, name in enumerate(MODEL_ORDER)}
+    return sorted(models.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0]))
 
 
 def results_path(workdir: str) -> str:
@@ -49,7 +61,7 @@ def summary_table(results: dict) -> str:
     """The models' CA / ASR / RA as a fixed-width text table."""
     header = f"{'model':<20}" + "".join(f"{short:>8}" for _, short in METRICS)
     lines = [header, "-" * len(header)]
-    for name, metrics in results.get("models", {}).items():
+    for name, metrics in ordered_models(results):
         cells = "".join(
             f"{metrics[key]:>8.4f}" if key in metrics else f"{'-':>8}" for key, _ in METRICS
         )
@@ -57,12 +69,75 @@ def summary_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def defense_effectiveness_rate(teacher: dict, model: dict) -> float:
+    """DER as BackdoorBench defines it: (max(0, dASR) - max(0, dCA) + 1) / 2 against the teacher."""
+    asr_drop = teacher["attack_success_rate"] - model["attack_success_rate"]
+    ca_drop = teacher["clean_accuracy"] - model["clean_accuracy"]
+    return (max(0.0, asr_drop) - max(0.0, ca_drop) + 1.0) / 2.0
+
+
+def add_defense_effectiveness(results: dict) -> dict:
+    models = results.get("models", {})
+    teacher = models.get("teacher")
+    if teacher and "attack_success_rate" in teacher:
+        for name, metrics in models.items():
+            if name != "teacher" and "attack_success_rate" in metrics:
+                metrics["defense_effectiveness_rate"] = defense_effectiveness_rate(teacher, metrics)
+    return results
+
+
+def finalize(workdir: str) -> None:
+    """DER into results.json, then results.md and the metrics figure."""
+    results = add_defense_effectiveness(read_results(workdir))
+    atomic_write_json(results_path(workdir), results)
+    write_markdown(workdir)
+    save_metrics_figure(results, os.path.join(workdir, "report", "metrics.png"))
+
+
+def save_metrics_figure(results: dict, path: str) -> None:
+    """Grouped bars of CA / ASR / RA per model, drawn with PIL (no plotting dependency)."""
+    from PIL import Image, ImageDraw
+
+    models = ordered_models(results)
+    if not models:
+        return
+    colours = {"clean_accuracy": (52, 101, 164), "attack_success_rate": (204, 0, 0),
+               "robust_accuracy": (78, 154, 6)}
+    bar, gap, height, left, top = 14, 16, 220, 40, 30
+    width = left + len(models) * (3 * bar + gap) + 20
+    image = Image.new("RGB", (max(width, 360), height + 90), "white")
+    draw = ImageDraw.Draw(image)
+    for tick in (0.0, 0.5, 1.0):
+        y = top + height - int(tick * height)
+        draw.line([(left - 4, y), (width, y)], fill=(220, 220, 220))
+        draw.text((4, y - 6), f"{tick:.1f}", fill="black")
+    for i, (name, metrics) in enumerate(models):
+        x = left + i * (3 * bar + gap)
+        for j, (key, _) in enumerate(METRICS):
+            value = metrics.get(key)
+            if value is None:
+                continue
+            y = top + height - int(value * height)
+            draw.rectangle([x + j * bar, y, x + (j + 1) * bar - 2, top + height],
+                           fill=colours[key])
+        draw.text((x, top + height + 6), name[:9], fill="black")
+        draw.text((x, top + height + 18), name[9:18], fill="black")
+    legend = "  ".join(f"{short}" for _, short in METRICS)
+    draw.text((left, 8), f"blue / red / green = {legend}", fill="black")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def write_markdown(workdir: str) -> str:
     """report/results.md: the table, the experiment summary and the diagnostics."""
     results = read_results(workdir)
-    lines = ["# Results", "", "| model | CA | ASR | RA | wall s |", "|---|---|---|---|---|"]
-    for name, metrics in results.get("models", {}).items():
+    lines = ["# Results", "", "| model | CA | ASR | RA | DER | wall s |",
+             "|---|---|---|---|---|---|"]
+    for name, metrics in ordered_models(results):
         cells = [f"{metrics[k]:.4f}" if k in metrics else "-" for k, _ in METRICS]
+        der = metrics.get("defense_effectiveness_rate")
+        cells.append(f"{der:.4f}" if der is not None else "-")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {metrics.get('wall_seconds', '-')} |")
     lines += ["", "## Experiment", ""]
     lines += [f"- {k}: {v}" for k, v in results.get("experiment", {}).items()]

@@ -1,0 +1,126 @@
+"""The classifiers of the method and its baselines, each a stage.
+
+  teacher          cross-entropy on the poisoned training set (no defense)
+  student          the method: distillation from the teacher on the variations only
+  variations_only  cross-entropy on the variations, no teacher
+  kd_on_original   the same distillation on the poisoned originals: is it regeneration, or
+                   distillation, that removes the backdoor?
+  trusted_only     cross-entropy on the trusted split alone: why not just use the clean data?
+  clean_reference  cross-entropy on the training images without poison: the best a defense
+                   can hope for, and the ASR floor
+
+All share one recipe (config.student; the teacher has config.teacher) and one evaluation.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+
+from jaxclean import generation, regenerate, sharding, train
+from jaxclean.artifacts import read_json
+from jaxclean.data import ImageDataset
+from jaxclean.experiment import (
+    ConfigError,
+    Experiment,
+    load_classifier,
+    require_poison_plan,
+    train_classifier,
+)
+
+
+def validate_distillation(recipe) -> None:
+    if not 0.0 <= recipe.alpha <= 1.0:
+        raise ConfigError(f"student.alpha {recipe.alpha} must be in [0, 1]")
+    if recipe.temperature <= 0:
+        raise ConfigError(f"student.temperature {recipe.temperature} must be > 0")
+
+
+def teacher_stage(exp: Experiment) -> None:
+    """Trains the (possibly backdoored) teacher on the poisoned training set, as is."""
+    require_poison_plan(exp)
+    spec = {**exp.poison_spec(), "teacher": exp.config.teacher,
+            "poisoned_fingerprint": exp.plan.poisoned_fingerprint}
+    train_classifier(exp, "teacher", exp.poisoned_train, exp.config.teacher, spec)
+
+
+def _variations(exp: Experiment) -> tuple[ImageDataset, str]:
+    """The finished variations of this run's poisoned set, and their record's fingerprint."""
+    directory = generation.variations_dir(exp)
+    done = os.path.join(directory, "done.json")
+    spec_path = os.path.join(directory, "spec.json")
+    if not os.path.exists(done):
+        raise ConfigError(
+            f"no complete variations dataset in {directory}: run --stages=regenerate first"
+        )
+    spec = read_json(spec_path)
+    if spec.get("poisoned_fingerprint") != exp.plan.poisoned_fingerprint:
+        raise ConfigError(
+            f"the variations in {directory} were made from another poison plan than the "
+            "teacher's; regenerate them for this run"
+        )
+    try:
+        dataset = generation.load_variations(exp)
+    except regenerate.VariationsError as e:
+        raise ConfigError(str(e)) from e
+    return dataset, read_json(done)["spec_fingerprint"]
+
+
+def _teacher(exp: Experiment):
+    model, variables = load_classifier(
+        exp, "teacher", exp.config.teacher, exp.splits.train.num_classes
+    )
+    # Placed once, replicated, rather than copied to the devices at every step.
+    return model, jax.device_put(variables, sharding.replicated(exp.mesh))
+
+
+def _distilled(exp: Experiment, name: str, dataset: ImageDataset, spec: dict) -> None:
+    recipe = exp.config.student
+    validate_distillation(recipe)
+    teacher_model, teacher_variables = _teacher(exp)
+    make_step = lambda model, augment: functools.partial(  # noqa: E731
+        train.distill_step, teacher_apply=teacher_model.apply, augment=augment,
+        alpha=recipe.alpha, temperature=recipe.temperature,
+    )
+    teacher_record = read_json(os.path.join(exp.workdir, "teacher", "done.json"))
+    spec = {**spec, "student": recipe, "teacher": teacher_record["spec_fingerprint"]}
+    train_classifier(exp, name, dataset, recipe, spec, make_step=make_step,
+                     extra_args=(teacher_variables,))
+
+
+def student_stage(exp: Experiment) -> None:
+    """The method: distill the teacher into a fresh classifier on the variations only."""
+    require_poison_plan(exp)
+    validate_distillation(exp.config.student)
+    load_classifier(exp, "teacher", exp.config.teacher, exp.splits.train.num_classes)
+    variations, fingerprint = _variations(exp)
+    _distilled(exp, "student", variations, {**exp.poison_spec(), "variations": fingerprint})
+
+
+def kd_on_original_stage(exp: Experiment) -> None:
+    """Baseline: the same distillation on the poisoned originals, no regeneration."""
+    require_poison_plan(exp)
+    spec = {**exp.poison_spec(), "poisoned_fingerprint": exp.plan.poisoned_fingerprint}
+    _distilled(exp, "kd_on_original", exp.poisoned_train, spec)
+
+
+def variations_only_stage(exp: Experiment) -> None:
+    """Baseline: cross-entropy on the variations with their (poisoned) labels, no teacher."""
+    require_poison_plan(exp)
+    variations, fingerprint = _variations(exp)
+    spec = {**exp.poison_spec(), "student": exp.config.student, "variations": fingerprint}
+    train_classifier(exp, "variations_only", variations, exp.config.student, spec)
+
+
+def trusted_only_stage(exp: Experiment) -> None:
+    """Baseline: a classifier trained on the trusted split alone."""
+    spec = {**exp.data_spec(), "student": exp.config.student, "attack_for_eval": exp.config.attack}
+    train_classifier(exp, "trusted_only", exp.splits.trusted, exp.config.student, spec)
+
+
+def clean_reference_stage(exp: Experiment) -> None:
+    """Reference: the same training images without poison; the floor for ASR."""
+    spec = {**exp.data_spec(), "student": exp.config.student, "attack_for_eval": exp.config.attack}
+    train_classifier(exp, "clean_reference", exp.splits.train, exp.config.student, spec)
