@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import stat
 
 import jax
@@ -22,25 +23,101 @@ def smoke_config(data_dir, **teacher):
     return config
 
 
+@pytest.fixture(scope="module")
+def full_run(idx_dir, tmp_path_factory):
+    """Every stage of the smoke config, once, through launch.py; tests copy what they change."""
+    workdir = str(tmp_path_factory.mktemp("full") / "run")
+    result = run_launch(smoke_args(workdir, idx_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir, result
+
+
 @pytest.mark.slow
-def test_launch_runs_teacher_end_to_end_and_skips_when_done(idx_dir, tmp_path):
-    workdir = str(tmp_path / "run")
-    first = run_launch(smoke_args(workdir, idx_dir))
-    assert first.returncode == 0, first.stderr[-3000:]
+def test_launch_runs_every_stage_and_reports(full_run):
+    workdir, result = full_run
     results = json.load(open(os.path.join(workdir, "report", "results.json")))
-    teacher = results["models"]["teacher"]
-    for key in ("clean_accuracy", "attack_success_rate", "robust_accuracy"):
-        assert 0.0 <= teacher[key] <= 1.0
+    expected_models = {"teacher", "student", "variations_only", "kd_on_original", "trusted_only",
+                       "clean_reference", "encoder"}
+    assert expected_models <= set(results["models"])
+    for name in expected_models:
+        for key in ("clean_accuracy", "attack_success_rate", "robust_accuracy"):
+            assert 0.0 <= results["models"][name][key] <= 1.0
+    assert 0.0 <= results["models"]["student"]["defense_effectiveness_rate"] <= 1.0
     assert results["experiment"]["num_poisoned"] == 16  # ceil(0.1 * 160)
+    diagnostics = results["diagnostics"]
+    for key in ("trigger_learnability/asr_trained_on_variations",
+                "content_kept/teacher_accuracy_on_variations",
+                "artefact_activation/target_rate_on_variations",
+                "trigger_survival/difference", "sampler_images_per_second"):
+        assert f"variations/{key}" in diagnostics, key
     plan = json.load(open(os.path.join(workdir, "poison", "plan.json")))
     assert plan["num_poisoned"] == 16 and plan["target"] == 0
-    assert os.path.isdir(os.path.join(workdir, "teacher", "model"))
-    assert os.path.exists(os.path.join(workdir, "report", "results.md"))
+    for path in ("teacher/model", "generator/model", "generator/samples.png",
+                 "regenerated/variations/grid.png", "report/results.md", "report/metrics.png"):
+        assert os.path.exists(os.path.join(workdir, path)), path
+    shards = os.listdir(os.path.join(workdir, "regenerated", "variations", "shards"))
+    assert len(shards) == 3  # 160 images in shards of 64.
     assert any(f.startswith("events") for f in os.listdir(os.path.join(workdir, "tensorboard")))
-    assert "teacher" in first.stdout and "CA" in first.stdout
-    second = run_launch(smoke_args(workdir, idx_dir))
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "teacher: done already" in second.stdout
+    markdown = open(os.path.join(workdir, "report", "results.md")).read()
+    assert "| student |" in markdown and "DER" in markdown
+    assert "student" in result.stdout and "CA" in result.stdout
+
+
+@pytest.mark.slow
+def test_rerun_skips_finished_stages(full_run, idx_dir):
+    workdir, _ = full_run
+    again = run_launch(smoke_args(workdir, idx_dir, "--stages=teacher,regenerate,student"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "teacher: done already" in again.stdout
+    assert "regenerate: done already" in again.stdout
+    assert "student: done already" in again.stdout
+
+
+@pytest.mark.slow
+def test_student_killed_and_rerun_matches_uninterrupted(full_run, idx_dir, tmp_path):
+    workdir, _ = full_run
+    copy = str(tmp_path / "copy")
+    shutil.copytree(workdir, copy)
+    shutil.rmtree(os.path.join(copy, "student"))
+    # Checkpoints at steps 3, 5 (epoch end) and 6; the kill at 9 leaves time for one to land.
+    extra = ["--stages=student", "--config.student.checkpoint_every_steps=3"]
+    killed = run_launch(smoke_args(copy, idx_dir, *extra), env={"JAXCLEAN_KILL_AT": "student:9"})
+    assert killed.returncode == -9
+    resumed = run_launch(smoke_args(copy, idx_dir, *extra))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert re.search(r"student: resuming from step \d+", resumed.stdout)
+    expected = checkpointing.load_tree(os.path.join(workdir, "student", "model"))
+    got = checkpointing.load_tree(os.path.join(copy, "student", "model"))
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.slow
+def test_student_refuses_missing_or_foreign_inputs(full_run, idx_dir, tmp_path):
+    workdir, _ = full_run
+    no_teacher = str(tmp_path / "no_teacher")
+    shutil.copytree(workdir, no_teacher)
+    for stage in ("teacher", "student"):
+        shutil.rmtree(os.path.join(no_teacher, stage))
+    with pytest.raises(pipeline.ConfigError, match="no finished teacher"):
+        pipeline.run(smoke_config(idx_dir), no_teacher, "student")
+
+    no_variations = str(tmp_path / "no_variations")
+    shutil.copytree(workdir, no_variations)
+    shutil.rmtree(os.path.join(no_variations, "student"))
+    os.remove(os.path.join(no_variations, "regenerated", "variations", "shards", "shard-00001.npz"))
+    with pytest.raises(pipeline.ConfigError, match="shard 1 is missing"):
+        pipeline.run(smoke_config(idx_dir), no_variations, "student")
+
+    foreign = str(tmp_path / "foreign")
+    shutil.copytree(workdir, foreign)
+    shutil.rmtree(os.path.join(foreign, "student"))
+    spec_path = os.path.join(foreign, "regenerated", "variations", "spec.json")
+    spec = json.load(open(spec_path))
+    spec["poisoned_fingerprint"] = "0" * 64
+    json.dump(spec, open(spec_path, "w"))
+    with pytest.raises(pipeline.ConfigError, match="another poison plan"):
+        pipeline.run(smoke_config(idx_dir), foreign, "student")
 
 
 @pytest.mark.slow
@@ -100,6 +177,9 @@ def test_poison_plan_that_would_differ_is_refused(idx_dir, tmp_path):
         (lambda c: setattr(c.regenerate, "steps", 0), pipeline.ConfigError, "steps"),
         (lambda c: setattr(c.generator, "train_split", "test"), pipeline.ConfigError,
          "train_split"),
+        (lambda c: setattr(c.student, "alpha", 1.5), pipeline.ConfigError, r"alpha 1.5"),
+        (lambda c: setattr(c.student, "alpha", -0.1), pipeline.ConfigError, "alpha"),
+        (lambda c: setattr(c.student, "temperature", 0.0), pipeline.ConfigError, "temperature"),
     ],
 )
 def test_bad_input_fails_before_any_work(idx_dir, tmp_path, mutate, error, message):
