@@ -23,11 +23,14 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize() and let the platform (TPU, SLURM) "
+    "distributed",
+    False,
+    "Call jax.distributed.initialize() and let the platform (TPU, SLURM) "
     "supply the coordinator and process ids.",
 )
 _CPU_DEVICES = flags.DEFINE_integer(
-    "cpu_devices", 0,
+    "cpu_devices",
+    0,
     "On a machine without accelerators, split the CPU into this many JAX devices. XLA:CPU keeps "
     "one stream per device busier than it spreads one over several cores: on 2-core machines, 2 "
     "gave 1.35x the training and 1.8x the sampling throughput. 0 leaves JAX's default.",

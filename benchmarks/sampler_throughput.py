@@ -54,8 +54,9 @@ def jax_loop(batch: int, steps: int, guidance: float) -> float:
         def body(i, latents):
             t, prev = jnp.asarray(timesteps)[i], jnp.asarray(previous)[i]
             both = jnp.concatenate([latents, latents])
-            noise = adapter.predict_noise(model.unet, unet_params, both,
-                                          jnp.full((2 * rows,), t), context)
+            noise = adapter.predict_noise(
+                model.unet, unet_params, both, jnp.full((2 * rows,), t), context
+            )
             uncond, cond = jnp.split(noise, 2)
             noise = uncond + guidance * (cond - uncond)
             alpha_prev = jnp.where(prev >= 0, alphas[jnp.maximum(prev, 0)], 1.0)
@@ -64,8 +65,15 @@ def jax_loop(batch: int, steps: int, guidance: float) -> float:
         return jax.lax.fori_loop(0, len(timesteps), body, latents)
 
     # As the real sampler: each device runs the loop on its rows.
-    run = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("data"), P("data")),
-                                out_specs=P("data"), check_vma=False))
+    run = jax.jit(
+        jax.shard_map(
+            per_device,
+            mesh=mesh,
+            in_specs=(P(), P("data"), P("data")),
+            out_specs=P("data"),
+            check_vma=False,
+        )
+    )
     latents = jax.random.normal(jax.random.key(1), (batch, *model.latent_shape))
     # Each device's rows get their own [null; conditional] context block.
     context = jnp.zeros((2 * batch, 1, model.embed_dim))
@@ -101,8 +109,13 @@ def torch_loop(batch: int, steps: int, guidance: float) -> float:
         attention_head_dim=unet_config.attention_head_dim,
         cross_attention_dim=64,
     ).eval()
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
-                              beta_start=0.00085, beta_end=0.012, clip_sample=False)
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+    )
     scheduler.set_timesteps(steps)
     context = torch.zeros(2 * batch, 1, 64)
     latents0 = torch.randn(batch, config.vae.latent_channels, latent, latent)
@@ -144,16 +157,21 @@ start = time.perf_counter()
 for _ in range(2):
     out = run(params, images, idx, idx % 10, jax.random.key(0))
 out.block_until_ready()
-print(json.dumps({{"devices": jax.device_count(), "ips": 2 * batch / (time.perf_counter() - start)}}))
+seconds = time.perf_counter() - start
+print(json.dumps({{"devices": jax.device_count(), "ips": 2 * batch / seconds}}))
 """
 
 
 def sampler_on_devices(devices: int, per_device: int, steps: int) -> float:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_PLATFORMS="cpu")
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+    )
     script = DEVICE_SCRIPT.format(repo=REPO, steps=steps, per_device=per_device)
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])["ips"]
 
 
@@ -168,8 +186,10 @@ def main():
     torch_ips = torch_loop(args.batch, args.steps, args.guidance)
     import jax
 
-    print(f"latent UNet, {args.steps} DDIM steps with guidance, batch {args.batch}, CPU, "
-          f"{jax.device_count()} JAX device(s)")
+    print(
+        f"latent UNet, {args.steps} DDIM steps with guidance, batch {args.batch}, CPU, "
+        f"{jax.device_count()} JAX device(s)"
+    )
     print(f"jaxclean (one jit)  : {jax_ips:8.1f} images/s")
     print(f"diffusers PyTorch   : {torch_ips:8.1f} images/s")
     print(f"ratio JAX/PyTorch   : {jax_ips / torch_ips:8.2f}x")

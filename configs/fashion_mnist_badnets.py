@@ -1,6 +1,6 @@
 """Fashion-MNIST, BadNets 3x3 checkerboard at the bottom right, 10% poisoned, target 0.
 
-  python launch.py --config configs/fashion_mnist_badnets.py --workdir runs/fmnist_badnets
+python launch.py --config configs/fashion_mnist_badnets.py --workdir runs/fmnist_badnets
 """
 
 from configs import common

@@ -12,12 +12,23 @@ def get_config(arg=None):
     del arg
     data = common.fashion_mnist_data(trusted_size=40, train_limit=200, test_limit=64)
     config = common.base_config(data, common.badnets_attack())
-    tiny = dict(width=4, num_epochs=2, lr_decay_epochs=(1,), batch_size=32, log_every_steps=2,
-                eval_batch_size=32)
+    tiny = dict(
+        width=4,
+        num_epochs=2,
+        lr_decay_epochs=(1,),
+        batch_size=32,
+        log_every_steps=2,
+        eval_batch_size=32,
+    )
     config.teacher = common.classifier_recipe(**tiny)
     config.student = common.classifier_recipe(**tiny, alpha=0.5, temperature=10.0)
-    small_nets = dict(block_out_channels=(32, 32), num_epochs=1, batch_size=16, log_every_steps=2,
-                      checkpoint_every_steps=0)
+    small_nets = dict(
+        block_out_channels=(32, 32),
+        num_epochs=1,
+        batch_size=16,
+        log_every_steps=2,
+        checkpoint_every_steps=0,
+    )
     config.generator = common.generator_config(
         encoder=common.classifier_recipe(**tiny), encode_batch_size=32
     )

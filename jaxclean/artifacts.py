@@ -49,7 +49,9 @@ def to_jsonable(obj):
 
 
 def atomic_write_json(path: str, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(to_jsonable(obj), indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(
+        path, (json.dumps(to_jsonable(obj), indent=2, sort_keys=True) + "\n").encode()
+    )
 
 
 def read_json(path: str):

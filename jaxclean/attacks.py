@@ -253,8 +253,16 @@ def poison(train: ImageDataset, attack_config) -> tuple[ImageDataset, PoisonPlan
       The poisoned dataset (triggered images relabelled to the target) and its plan.
     """
     if attack_config.name == "none":
-        plan = PoisonPlan(np.zeros(0, np.int64), attack_config.target, 0.0, attack_config.seed,
-                          False, "none", {}, train.fingerprint())
+        plan = PoisonPlan(
+            np.zeros(0, np.int64),
+            attack_config.target,
+            0.0,
+            attack_config.seed,
+            False,
+            "none",
+            {},
+            train.fingerprint(),
+        )
         return train, plan
     validate_attack_config(attack_config, train.num_classes)
     trigger = make_trigger(attack_config)

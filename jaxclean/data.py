@@ -45,7 +45,9 @@ class ImageDataset:
 
     def __post_init__(self):
         if self.images.dtype != np.uint8 or self.images.ndim != 4:
-            raise DataError(f"images must be uint8 NHWC, got {self.images.dtype} {self.images.shape}")
+            raise DataError(
+                f"images must be uint8 NHWC, got {self.images.dtype} {self.images.shape}"
+            )
         if self.labels.shape != (self.images.shape[0],):
             raise DataError(
                 f"{self.images.shape[0]} images but labels of shape {self.labels.shape}"
@@ -276,7 +278,9 @@ def load_tfds(name: str, data_dir: str | None, image_size: int | None = None, do
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # tfds raises several types for unknown names.
-        raise DataError(f"tfds dataset {name!r} not found in catalog or under {data_dir}: {e}") from e
+        raise DataError(
+            f"tfds dataset {name!r} not found in catalog or under {data_dir}: {e}"
+        ) from e
     if download:
         builder.download_and_prepare()
     if not os.path.isdir(os.fspath(builder.data_dir)) or not builder.info.splits:
@@ -299,7 +303,9 @@ def load_tfds(name: str, data_dir: str | None, image_size: int | None = None, do
         labels = np.asarray([int(e[label_key]) for e in examples], np.int32)
         shapes = {img.shape for img in images}
         if len(shapes) > 1:
-            raise DataError(f"tfds {name}: images of mixed sizes {sorted(shapes)[:3]}; set image_size")
+            raise DataError(
+                f"tfds {name}: images of mixed sizes {sorted(shapes)[:3]}; set image_size"
+            )
         splits[split] = ImageDataset(np.stack(images), labels, class_names)
     return splits
 

@@ -41,8 +41,11 @@ def validate_distillation(recipe) -> None:
 def teacher_stage(exp: Experiment) -> None:
     """Trains the (possibly backdoored) teacher on the poisoned training set, as is."""
     require_poison_plan(exp)
-    spec = {**exp.poison_spec(), "teacher": exp.config.teacher,
-            "poisoned_fingerprint": exp.plan.poisoned_fingerprint}
+    spec = {
+        **exp.poison_spec(),
+        "teacher": exp.config.teacher,
+        "poisoned_fingerprint": exp.plan.poisoned_fingerprint,
+    }
     train_classifier(exp, "teacher", exp.poisoned_train, exp.config.teacher, spec)
 
 
@@ -81,13 +84,17 @@ def _distilled(exp: Experiment, name: str, dataset: ImageDataset, spec: dict) ->
     validate_distillation(recipe)
     teacher_model, teacher_variables = _teacher(exp)
     make_step = lambda model, augment: functools.partial(  # noqa: E731
-        train.distill_step, teacher_apply=teacher_model.apply, augment=augment,
-        alpha=recipe.alpha, temperature=recipe.temperature,
+        train.distill_step,
+        teacher_apply=teacher_model.apply,
+        augment=augment,
+        alpha=recipe.alpha,
+        temperature=recipe.temperature,
     )
     teacher_record = read_json(os.path.join(exp.workdir, "teacher", "done.json"))
     spec = {**spec, "student": recipe, "teacher": teacher_record["spec_fingerprint"]}
-    train_classifier(exp, name, dataset, recipe, spec, make_step=make_step,
-                     extra_args=(teacher_variables,))
+    train_classifier(
+        exp, name, dataset, recipe, spec, make_step=make_step, extra_args=(teacher_variables,)
+    )
 
 
 def student_stage(exp: Experiment) -> None:

@@ -73,7 +73,6 @@ class Stage:
     help: str
 
 
-
 # ----------------------------------------------------------------------------- shared stage pieces
 
 
@@ -212,7 +211,9 @@ def train_classifier(
             exp.workdir, experiment=experiment_summary(exp), **{report_section: {name: metrics}}
         )
         record.mark_done({"metrics": metrics, "final_step": int(result.state.step)})
-    exp.writer.write_scalars(int(result.state.step), {f"eval/{name}/{k}": v for k, v in metrics.items()})
+    exp.writer.write_scalars(
+        int(result.state.step), {f"eval/{name}/{k}": v for k, v in metrics.items()}
+    )
     exp.writer.flush()
     log(f"{name}: " + ", ".join(f"{k}={v}" for k, v in metrics.items()))
     return metrics
@@ -222,9 +223,7 @@ def load_classifier(exp: Experiment, name: str, recipe, num_classes: int):
     """The (module, variables) a finished classifier stage exported."""
     record_dir = os.path.join(exp.workdir, name)
     if not os.path.exists(os.path.join(record_dir, "done.json")):
-        raise ConfigError(
-            f"no finished {name} in {exp.workdir}: run --stages={name} first"
-        )
+        raise ConfigError(f"no finished {name} in {exp.workdir}: run --stages={name} first")
     model = make_classifier(recipe.model, num_classes, width=recipe.width)
     return model, checkpointing.load_tree(os.path.join(record_dir, "model"))
 

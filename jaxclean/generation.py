@@ -39,8 +39,10 @@ def validate_config(config) -> None:
         )
     try:
         sampler_lib.SamplerSettings(
-            steps=config.regenerate.steps, eta=config.regenerate.eta,
-            guidance=config.regenerate.guidance, strength=config.regenerate.strength,
+            steps=config.regenerate.steps,
+            eta=config.regenerate.eta,
+            guidance=config.regenerate.guidance,
+            strength=config.regenerate.strength,
         )
     except sampler_lib.SamplerError as e:
         raise ConfigError(str(e)) from e
@@ -67,8 +69,11 @@ def _split_spec(exp: Experiment) -> dict:
 def encoder_stage(exp: Experiment) -> None:
     """The generator's semantic encoder: a classifier trained on the generator's split."""
     split = generator_split(exp)
-    spec = {**_split_spec(exp), "encoder": exp.config.generator.encoder,
-            "split_fingerprint": split.fingerprint()}
+    spec = {
+        **_split_spec(exp),
+        "encoder": exp.config.generator.encoder,
+        "split_fingerprint": split.fingerprint(),
+    }
     train_classifier(exp, "encoder", split, exp.config.generator.encoder, spec)
 
 
@@ -86,7 +91,7 @@ def build_generator(exp: Experiment) -> generator_lib.LatentDiffusion:
 
 
 def generator_stage(exp: Experiment) -> None:
-    """Trains the image-variation generator (or adopts a pretrained one whose provenance matches)."""
+    """Trains the image-variation generator, or adopts a pretrained one of the same provenance."""
     split = generator_split(exp)
     record = exp.record("generator", _generator_spec(exp, split))
     if record.is_done():
@@ -102,15 +107,25 @@ def generator_stage(exp: Experiment) -> None:
             exp, "encoder", exp.config.generator.encoder, split.num_classes
         )
         params = trainer.train_generator(
-            model, split, encoder_variables, exp.config.generator, record.directory, exp.mesh,
-            exp.writer, exp.config.seed,
+            model,
+            split,
+            encoder_variables,
+            exp.config.generator,
+            record.directory,
+            exp.mesh,
+            exp.writer,
+            exp.config.seed,
         )
         checkpointing.save_tree(record.path("model"), jax.device_get(params))
     if exp.is_writer:
         _save_samples(exp, model, params, split, record.path("samples.png"))
-        record.mark_done({"trained_on": exp.config.generator.train_split,
-                          "pretrained": pretrained or None,
-                          "image_shape": list(model.image_shape)})
+        record.mark_done(
+            {
+                "trained_on": exp.config.generator.train_split,
+                "pretrained": pretrained or None,
+                "image_shape": list(model.image_shape),
+            }
+        )
     log(f"generator: ready; samples in {record.path('samples.png')}")
 
 
@@ -153,16 +168,28 @@ def load_generator_params(model, path: str) -> dict:
 
 def _save_samples(exp, model, params, split: ImageDataset, path: str) -> None:
     """One source per class, then variations of it drawn with three different keys."""
-    first = [int(np.flatnonzero(split.labels == c)[0]) for c in range(split.num_classes)
-             if (split.labels == c).any()]
+    first = [
+        int(np.flatnonzero(split.labels == c)[0])
+        for c in range(split.num_classes)
+        if (split.labels == c).any()
+    ]
     mesh = sharding.make_mesh(jax.local_devices()[:1])
     settings = _sampler_settings(exp)
     sample = sampler_lib.make_sampler(model, settings, mesh)
     sources = split.images[first]
     rows = [sources]
     for seed in range(3):
-        rows.append(np.asarray(sample(params, sources, np.arange(len(first), dtype=np.int32),
-                                      split.labels[first], jax.random.key(seed))))
+        rows.append(
+            np.asarray(
+                sample(
+                    params,
+                    sources,
+                    np.arange(len(first), dtype=np.int32),
+                    split.labels[first],
+                    jax.random.key(seed),
+                )
+            )
+        )
     images.save_png(path, images.grid(rows))
 
 
@@ -170,8 +197,11 @@ def _sampler_settings(exp: Experiment) -> sampler_lib.SamplerSettings:
     config = exp.config.regenerate
     try:
         return sampler_lib.SamplerSettings(
-            steps=config.steps, eta=config.eta, guidance=config.guidance,
-            strength=config.strength, color_transfer=config.color_transfer,
+            steps=config.steps,
+            eta=config.eta,
+            guidance=config.guidance,
+            strength=config.strength,
+            color_transfer=config.color_transfer,
         )
     except sampler_lib.SamplerError as e:
         raise ConfigError(str(e)) from e
@@ -223,17 +253,29 @@ def regenerate_stage(exp: Experiment) -> None:
     config = exp.config.regenerate
     mesh = sharding.local_mesh()
     _, sample, params = _placed_sampler(exp, mesh)
-    log(f"regenerate: {len(exp.poisoned_train)} images, {settings.steps} steps, strength "
-        f"{settings.strength}, guidance {settings.guidance}, on {mesh.size} device(s) per process")
+    log(
+        f"regenerate: {len(exp.poisoned_train)} images, {settings.steps} steps, strength "
+        f"{settings.strength}, guidance {settings.guidance}, on {mesh.size} device(s) per process"
+    )
     stats = regenerate.regenerate(
-        exp.poisoned_train, sample, params, record.directory, shard_size=config.shard_size,
-        per_device_batch=config.per_device_batch, seed=config.seed, mesh=mesh,
+        exp.poisoned_train,
+        sample,
+        params,
+        record.directory,
+        shard_size=config.shard_size,
+        per_device_batch=config.per_device_batch,
+        seed=config.seed,
+        mesh=mesh,
     )
     if exp.is_writer:
         variations = load_variations(exp)
         _save_triptych(exp, variations, record.path("grid.png"))
-        report.update_results(exp.workdir, diagnostics={
-            f"{config.name}/sampler_images_per_second": round(stats["images_per_second"], 2)})
+        report.update_results(
+            exp.workdir,
+            diagnostics={
+                f"{config.name}/sampler_images_per_second": round(stats["images_per_second"], 2)
+            },
+        )
         record.mark_done(stats)
     log(f"regenerate: {stats}")
 
@@ -241,7 +283,10 @@ def regenerate_stage(exp: Experiment) -> None:
 def load_variations(exp: Experiment) -> ImageDataset:
     train = exp.poisoned_train
     return regenerate.load_variations(
-        variations_dir(exp), len(train), exp.config.regenerate.shard_size, train.image_shape,
+        variations_dir(exp),
+        len(train),
+        exp.config.regenerate.shard_size,
+        train.image_shape,
         train.class_names,
     )
 
@@ -254,8 +299,11 @@ def _save_triptych(exp: Experiment, variations: ImageDataset, path: str) -> None
     for chosen in (clean, poisoned[:8]):
         if len(chosen) == 0:
             continue
-        rows += [exp.splits.train.images[chosen], exp.poisoned_train.images[chosen],
-                 variations.images[chosen]]
+        rows += [
+            exp.splits.train.images[chosen],
+            exp.poisoned_train.images[chosen],
+            variations.images[chosen],
+        ]
     images.save_png(path, images.grid(rows))
 
 
@@ -278,7 +326,9 @@ def diagnostics_stage(exp: Experiment) -> None:
     results.update(_teacher_on_test_variations(exp, teacher_model, teacher_vars))
     results.update(_trigger_learnability(exp))
     if exp.is_writer:
-        report.update_results(exp.workdir, diagnostics={f"{name}/{k}": v for k, v in results.items()})
+        report.update_results(
+            exp.workdir, diagnostics={f"{name}/{k}": v for k, v in results.items()}
+        )
     for key, value in results.items():
         log(f"diagnostics {name}: {key} = {value}")
 
@@ -308,15 +358,9 @@ def _test_variation_sets(exp: Experiment) -> dict:
         key = jax.random.fold_in(jax.random.key(exp.config.regenerate.seed), 1)
 
         def vary(images_, indices, labels):
-            out = []
-            for start in range(0, len(indices), batch):
-                rows = slice(start, start + batch)
-                valid = len(indices[rows])
-                pad = lambda a: np.concatenate([a, np.repeat(a[-1:], batch - valid, 0)])  # noqa: E731
-                result = sample(params, pad(images_[rows]), pad(indices[rows]).astype(np.int32),
-                                pad(labels[rows]).astype(np.int32), key)
-                out.append(np.asarray(result)[:valid])
-            return np.concatenate(out)
+            return regenerate.sample_rows(
+                sample, params, images_, indices, labels, key, batch, mesh
+            )
 
         cached = {
             "clean": vary(clean.images, subset, clean.labels),
@@ -378,12 +422,18 @@ def _trigger_learnability(exp: Experiment) -> dict:
     variations = load_variations(exp)
     base = {**exp.poison_spec(), "recipe": recipe}
     on_variations = train_classifier(
-        exp, f"learnability/{name}", variations, recipe,
+        exp,
+        f"learnability/{name}",
+        variations,
+        recipe,
         {**base, "variations": _regenerate_record(exp).spec_fingerprint},
         report_section="diagnostics",
     )
     clean = train_classifier(
-        exp, "learnability/clean_originals", exp.splits.train, recipe,
+        exp,
+        "learnability/clean_originals",
+        exp.splits.train,
+        recipe,
         {**exp.data_spec(), "recipe": recipe, "attack_for_eval": exp.config.attack},
         report_section="diagnostics",
     )

@@ -11,8 +11,6 @@ import os
 import tempfile
 import time
 
-import jax
-
 from jaxclean import attacks, data, defense, generation, report
 from jaxclean.artifacts import StageConflict
 from jaxclean.experiment import (

@@ -52,7 +52,9 @@ def read_shard(path: str, expected: np.ndarray, image_shape) -> dict | None:
         return None
     if not np.array_equal(arrays["indices"], expected):
         return None
-    if arrays["images"].shape != (len(expected), *image_shape) or len(arrays["labels"]) != len(expected):
+    if arrays["images"].shape != (len(expected), *image_shape) or len(arrays["labels"]) != len(
+        expected
+    ):
         return None
     return arrays
 
@@ -61,6 +63,36 @@ def write_shard(path: str, images: np.ndarray, labels: np.ndarray, indices: np.n
     buffer = io.BytesIO()
     np.savez(buffer, images=images, labels=labels, indices=indices)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def sample_rows(
+    sampler, params, images, indices, labels, key, batch: int, mesh, on_batch=None
+) -> np.ndarray:
+    """Variations of `images` (whose dataset indices are `indices`), `batch` rows per call.
+
+    The last call is padded with copies of the last row, so one compiled program serves all.
+    """
+    outputs = []
+    for start in range(0, len(indices), batch):
+        rows = slice(start, start + batch)
+        valid = len(indices[rows])
+
+        def padded(array, valid=valid):
+            return np.concatenate([array, np.repeat(array[-1:], batch - valid, 0)])
+
+        # Placed explicitly: with several processes, jit takes no host arrays for a mesh.
+        on_mesh = jax.device_put(
+            (
+                padded(images[rows]),
+                padded(indices[rows]).astype(np.int32),
+                padded(labels[rows]).astype(np.int32),
+            ),
+            sharding.data_sharding(mesh),
+        )
+        outputs.append(np.asarray(sampler(params, *on_mesh, key))[:valid])
+        if on_batch is not None:
+            on_batch(valid)
+    return np.concatenate(outputs)
 
 
 def regenerate(
@@ -106,23 +138,22 @@ def regenerate(
             bar.update(len(indices))
             continue
         if os.path.exists(path):
-            print(f"{description}: shard {shard} is unreadable or incomplete; redoing it", flush=True)
-        outputs = []
-        for start in range(0, len(indices), batch):
-            rows = indices[start : start + batch]
-            valid = len(rows)
-            padded = np.concatenate([rows, np.repeat(rows[-1:], batch - valid)])
-            # Placed explicitly: with several processes, jit takes no host arrays for a mesh.
-            rows_on_mesh = jax.device_put(
-                (dataset.images[padded], padded.astype(np.int32),
-                 dataset.labels[padded].astype(np.int32)),
-                sharding.data_sharding(mesh),
+            print(
+                f"{description}: shard {shard} is unreadable or incomplete; redoing it", flush=True
             )
-            images = sampler(params, *rows_on_mesh, key)
-            outputs.append(np.asarray(images)[:valid])
-            generated += valid
-            bar.update(valid)
-        write_shard(path, np.concatenate(outputs), dataset.labels[indices], indices)
+        images = sample_rows(
+            sampler,
+            params,
+            dataset.images[indices],
+            indices,
+            dataset.labels[indices],
+            key,
+            batch,
+            mesh,
+            on_batch=bar.update,
+        )
+        generated += len(indices)
+        write_shard(path, images, dataset.labels[indices], indices)
         written += 1
         faults.kill_point(description, shard)
     bar.close()
@@ -135,8 +166,9 @@ def regenerate(
     }
 
 
-def load_variations(directory: str, num_images: int, shard_size: int, image_shape,
-                    class_names) -> ImageDataset:
+def load_variations(
+    directory: str, num_images: int, shard_size: int, image_shape, class_names
+) -> ImageDataset:
     """The whole variations dataset, in index order; every shard must be present and whole."""
     images, labels = [], []
     for shard in range(num_shards(num_images, shard_size)):
@@ -149,5 +181,6 @@ def load_variations(directory: str, num_images: int, shard_size: int, image_shap
             )
         images.append(arrays["images"])
         labels.append(arrays["labels"])
-    return ImageDataset(np.concatenate(images), np.concatenate(labels).astype(np.int32),
-                        tuple(class_names))
+    return ImageDataset(
+        np.concatenate(images), np.concatenate(labels).astype(np.int32), tuple(class_names)
+    )

@@ -15,8 +15,15 @@ METRICS = (
 
 
 # Table order: the model under attack, the method, then the baselines.
-MODEL_ORDER = ("teacher", "student", "variations_only", "kd_on_original", "trusted_only",
-               "clean_reference", "encoder")
+MODEL_ORDER = (
+    "teacher",
+    "student",
+    "variations_only",
+    "kd_on_original",
+    "trusted_only",
+    "clean_reference",
+    "encoder",
+)
 
 
 def ordered_models(results: dict) -> list[tuple[str, dict]]:
@@ -101,8 +108,11 @@ def save_metrics_figure(results: dict, path: str) -> None:
     models = ordered_models(results)
     if not models:
         return
-    colours = {"clean_accuracy": (52, 101, 164), "attack_success_rate": (204, 0, 0),
-               "robust_accuracy": (78, 154, 6)}
+    colours = {
+        "clean_accuracy": (52, 101, 164),
+        "attack_success_rate": (204, 0, 0),
+        "robust_accuracy": (78, 154, 6),
+    }
     bar, gap, height, left, top = 14, 16, 220, 40, 30
     width = left + len(models) * (3 * bar + gap) + 20
     image = Image.new("RGB", (max(width, 360), height + 90), "white")
@@ -118,8 +128,7 @@ def save_metrics_figure(results: dict, path: str) -> None:
             if value is None:
                 continue
             y = top + height - int(value * height)
-            draw.rectangle([x + j * bar, y, x + (j + 1) * bar - 2, top + height],
-                           fill=colours[key])
+            draw.rectangle([x + j * bar, y, x + (j + 1) * bar - 2, top + height], fill=colours[key])
         draw.text((x, top + height + 6), name[:9], fill="black")
         draw.text((x, top + height + 18), name[9:18], fill="black")
     legend = "  ".join(f"{short}" for _, short in METRICS)
@@ -132,13 +141,19 @@ def save_metrics_figure(results: dict, path: str) -> None:
 def write_markdown(workdir: str) -> str:
     """report/results.md: the table, the experiment summary and the diagnostics."""
     results = read_results(workdir)
-    lines = ["# Results", "", "| model | CA | ASR | RA | DER | wall s |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "# Results",
+        "",
+        "| model | CA | ASR | RA | DER | wall s |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, metrics in ordered_models(results):
         cells = [f"{metrics[k]:.4f}" if k in metrics else "-" for k, _ in METRICS]
         der = metrics.get("defense_effectiveness_rate")
         cells.append(f"{der:.4f}" if der is not None else "-")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {metrics.get('wall_seconds', '-')} |")
+        lines.append(
+            f"| {name} | " + " | ".join(cells) + f" | {metrics.get('wall_seconds', '-')} |"
+        )
     lines += ["", "## Experiment", ""]
     lines += [f"- {k}: {v}" for k, v in results.get("experiment", {}).items()]
     if results.get("diagnostics"):

@@ -148,9 +148,7 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, augment: Augme
     Returns:
       The updated state and a dict of scalar metrics.
     """
-    images = augment_images(
-        normalize(batch["image"]), sample_keys(rng, batch["index"]), augment
-    )
+    images = augment_images(normalize(batch["image"]), sample_keys(rng, batch["index"]), augment)
 
     def loss_fn(params):
         logits, updates = state.apply_fn(
@@ -189,9 +187,7 @@ def distill_step(
       alpha: weight of the distillation term, in [0, 1].
       temperature: softmax temperature T > 0.
     """
-    images = augment_images(
-        normalize(batch["image"]), sample_keys(rng, batch["index"]), augment
-    )
+    images = augment_images(normalize(batch["image"]), sample_keys(rng, batch["index"]), augment)
     teacher_logits = jax.lax.stop_gradient(teacher_apply(teacher_variables, images, train=False))
 
     def loss_fn(params):

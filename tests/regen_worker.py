@@ -47,8 +47,14 @@ def main():
     settings = sampler.SamplerSettings(steps=4, eta=0.5, guidance=2.0)
     sample = sampler.make_sampler(model, settings, mesh)
     stats = regenerate.regenerate(
-        dataset, sample, params, args.out, shard_size=args.shard_size,
-        per_device_batch=args.per_device_batch, seed=0, mesh=mesh,
+        dataset,
+        sample,
+        params,
+        args.out,
+        shard_size=args.shard_size,
+        per_device_batch=args.per_device_batch,
+        seed=0,
+        mesh=mesh,
     )
     print(f"devices={jax.device_count()} local={mesh.size} {stats}", flush=True)
 

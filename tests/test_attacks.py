@@ -143,10 +143,14 @@ def test_triggered_test_sets_cover_every_non_target_image():
         (dict(target=-1), "out of range"),
         (dict(rate=1.5), r"rate 1.5 must be in \[0, 1\]"),
         (dict(rate=-0.1), "must be in"),
-        (dict(trigger=dict(pattern="checkerboard", size=9, location="bottom_right", seed=0)),
-         "larger than the 8x8 images"),
-        (dict(trigger=dict(pattern="plaid", size=3, location="bottom_right", seed=0)),
-         "unknown BadNets pattern"),
+        (
+            dict(trigger=dict(pattern="checkerboard", size=9, location="bottom_right", seed=0)),
+            "larger than the 8x8 images",
+        ),
+        (
+            dict(trigger=dict(pattern="plaid", size=3, location="bottom_right", seed=0)),
+            "unknown BadNets pattern",
+        ),
         (dict(trigger=dict(pattern="white", size=3, location="top", seed=0)), "location"),
         (dict(name="sig"), "unknown attack"),
         (dict(trigger=dict(pattern="white", sizes=3)), "no parameters"),

@@ -158,8 +158,15 @@ def test_unknown_source():
 def test_trusted_split_is_balanced_deterministic_and_disjoint(tmp_path):
     write_idx_dataset(str(tmp_path), num_train=300, num_test=20)
     config = ml_collections.ConfigDict(
-        dict(source="idx", dir=str(tmp_path), class_names=(), trusted_size=55, image_size=0,
-             train_limit=0, test_limit=0)
+        dict(
+            source="idx",
+            dir=str(tmp_path),
+            class_names=(),
+            trusted_size=55,
+            image_size=0,
+            train_limit=0,
+            test_limit=0,
+        )
     )
     splits = data.load_splits(config, seed=1)
     assert len(splits.trusted) == 55 and len(splits.train) == 245

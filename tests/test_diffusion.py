@@ -23,9 +23,14 @@ def test_ddim_matches_diffusers_flax_scheduler():
         warnings.simplefilter("ignore")
         from diffusers import FlaxDDIMScheduler
 
-    scheduler = FlaxDDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
-                                  beta_start=0.00085, beta_end=0.012, set_alpha_to_one=True,
-                                  clip_sample=False)  # Latents are not in [-1, 1].
+    scheduler = FlaxDDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        set_alpha_to_one=True,
+        clip_sample=False,
+    )  # Latents are not in [-1, 1].
     state = scheduler.set_timesteps(scheduler.create_state(), 10)
     timesteps, previous = sampler.ddim_timesteps(1000, 10, 1.0)
     np.testing.assert_array_equal(timesteps, np.asarray(state.timesteps))
@@ -81,12 +86,20 @@ def test_generator_train_steps_lower_their_losses():
     model = tiny_model()
     mesh = sharding.make_mesh()
     images, labels = synthetic_images(16, seed=0)
-    batch = sharding.to_global({"image": images[..., None], "label": labels.astype(np.int32),
-                                "index": np.arange(16, dtype=np.int32)}, mesh)
+    batch = sharding.to_global(
+        {
+            "image": images[..., None],
+            "label": labels.astype(np.int32),
+            "index": np.arange(16, dtype=np.int32),
+        },
+        mesh,
+    )
     params = trainer.random_params(model, jax.random.key(0))
     vae_state = generator.EMATrainState.create(params["vae"], optax.adam(3e-3))
-    vae_step = train.jit_step(functools.partial(
-        generator.vae_train_step, model=model, kl_weight=1e-6, ema_decay=0.9), mesh)
+    vae_step = train.jit_step(
+        functools.partial(generator.vae_train_step, model=model, kl_weight=1e-6, ema_decay=0.9),
+        mesh,
+    )
     vae_losses = []
     for _ in range(12):
         vae_state, metrics = vae_step(vae_state, batch, jax.random.key(0))
@@ -97,16 +110,24 @@ def test_generator_train_steps_lower_their_losses():
     assert not np.allclose(leaf(vae_state.ema_params), leaf(vae_state.params))
 
     latents = np.asarray(jax.random.normal(jax.random.key(1), (16, *model.latent_shape)))
-    fields = {"latent_mean": latents, "latent_std": np.full_like(latents, 0.01),
-              "embedding": np.eye(16, model.embed_dim, dtype=np.float32),
-              "label": labels.astype(np.int32), "index": np.arange(16, dtype=np.int32)}
+    fields = {
+        "latent_mean": latents,
+        "latent_std": np.full_like(latents, 0.01),
+        "embedding": np.eye(16, model.embed_dim, dtype=np.float32),
+        "label": labels.astype(np.int32),
+        "index": np.arange(16, dtype=np.int32),
+    }
     denoiser_params = {"unet": params["unet"], "label_table": params["label_table"]}
     state = generator.EMATrainState.create(denoiser_params, optax.adam(3e-3))
-    step = train.jit_step(functools.partial(
-        generator.denoiser_train_step, model=model, cond_dropout=0.1, ema_decay=0.9), mesh)
+    step = train.jit_step(
+        functools.partial(
+            generator.denoiser_train_step, model=model, cond_dropout=0.1, ema_decay=0.9
+        ),
+        mesh,
+    )
     global_fields = sharding.to_global(fields, mesh)
     losses = []
-    for i in range(30):
+    for _ in range(30):
         # A fixed key: the same timesteps and noise each step, so the loss is comparable.
         state, metrics = step(state, global_fields, jax.random.key(0))
         losses.append(float(metrics["loss"]))

@@ -28,7 +28,9 @@ def test_resnet20_has_the_published_size():
     assert 0.26e6 < num_params(variables) < 0.29e6
 
 
-@pytest.mark.parametrize("name, low, high", [("resnet18", 11.0e6, 11.8e6), ("resnet50", 25.0e6, 26.0e6)])
+@pytest.mark.parametrize(
+    "name, low, high", [("resnet18", 11.0e6, 11.8e6), ("resnet50", 25.0e6, 26.0e6)]
+)
 def test_imagenet_resnet_sizes(name, low, high):
     model = make_classifier(name, num_classes=1000)
     variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))

@@ -36,8 +36,15 @@ def full_run(idx_dir, tmp_path_factory):
 def test_launch_runs_every_stage_and_reports(full_run):
     workdir, result = full_run
     results = json.load(open(os.path.join(workdir, "report", "results.json")))
-    expected_models = {"teacher", "student", "variations_only", "kd_on_original", "trusted_only",
-                       "clean_reference", "encoder"}
+    expected_models = {
+        "teacher",
+        "student",
+        "variations_only",
+        "kd_on_original",
+        "trusted_only",
+        "clean_reference",
+        "encoder",
+    }
     assert expected_models <= set(results["models"])
     for name in expected_models:
         for key in ("clean_accuracy", "attack_success_rate", "robust_accuracy"):
@@ -45,15 +52,24 @@ def test_launch_runs_every_stage_and_reports(full_run):
     assert 0.0 <= results["models"]["student"]["defense_effectiveness_rate"] <= 1.0
     assert results["experiment"]["num_poisoned"] == 16  # ceil(0.1 * 160)
     diagnostics = results["diagnostics"]
-    for key in ("trigger_learnability/asr_trained_on_variations",
-                "content_kept/teacher_accuracy_on_variations",
-                "artefact_activation/target_rate_on_variations",
-                "trigger_survival/difference", "sampler_images_per_second"):
+    for key in (
+        "trigger_learnability/asr_trained_on_variations",
+        "content_kept/teacher_accuracy_on_variations",
+        "artefact_activation/target_rate_on_variations",
+        "trigger_survival/difference",
+        "sampler_images_per_second",
+    ):
         assert f"variations/{key}" in diagnostics, key
     plan = json.load(open(os.path.join(workdir, "poison", "plan.json")))
     assert plan["num_poisoned"] == 16 and plan["target"] == 0
-    for path in ("teacher/model", "generator/model", "generator/samples.png",
-                 "regenerated/variations/grid.png", "report/results.md", "report/metrics.png"):
+    for path in (
+        "teacher/model",
+        "generator/model",
+        "generator/samples.png",
+        "regenerated/variations/grid.png",
+        "report/results.md",
+        "report/metrics.png",
+    ):
         assert os.path.exists(os.path.join(workdir, path)), path
     shards = os.listdir(os.path.join(workdir, "regenerated", "variations", "shards"))
     assert len(shards) == 3  # 160 images in shards of 64.
@@ -126,8 +142,9 @@ def test_kill_during_training_then_rerun_matches_uninterrupted(idx_dir, tmp_path
     clean_dir, crash_dir = str(tmp_path / "clean"), str(tmp_path / "crash")
     uninterrupted = run_launch(smoke_args(clean_dir, idx_dir, *extra))
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
-    killed = run_launch(smoke_args(crash_dir, idx_dir, *extra),
-                        env={"JAXCLEAN_KILL_AT": "teacher:7"})
+    killed = run_launch(
+        smoke_args(crash_dir, idx_dir, *extra), env={"JAXCLEAN_KILL_AT": "teacher:7"}
+    )
     assert killed.returncode == -9
     assert not os.path.exists(os.path.join(crash_dir, "teacher", "done.json"))
     resumed = run_launch(smoke_args(crash_dir, idx_dir, *extra))
@@ -175,8 +192,11 @@ def test_poison_plan_that_would_differ_is_refused(idx_dir, tmp_path):
         (lambda c: setattr(c.regenerate, "strength", 0.0), pipeline.ConfigError, "strength"),
         (lambda c: setattr(c.regenerate, "strength", 1.2), pipeline.ConfigError, "strength"),
         (lambda c: setattr(c.regenerate, "steps", 0), pipeline.ConfigError, "steps"),
-        (lambda c: setattr(c.generator, "train_split", "test"), pipeline.ConfigError,
-         "train_split"),
+        (
+            lambda c: setattr(c.generator, "train_split", "test"),
+            pipeline.ConfigError,
+            "train_split",
+        ),
         (lambda c: setattr(c.student, "alpha", 1.5), pipeline.ConfigError, r"alpha 1.5"),
         (lambda c: setattr(c.student, "alpha", -0.1), pipeline.ConfigError, "alpha"),
         (lambda c: setattr(c.student, "temperature", 0.0), pipeline.ConfigError, "temperature"),
@@ -214,7 +234,9 @@ def test_workdir_that_cannot_be_created(tmp_path):
 
 @pytest.mark.slow
 def test_launch_reports_bad_input_clearly(idx_dir, tmp_path):
-    unknown_key = run_launch(smoke_args(str(tmp_path / "a"), idx_dir, "--config.teacher.nm_epochs=3"))
+    unknown_key = run_launch(
+        smoke_args(str(tmp_path / "a"), idx_dir, "--config.teacher.nm_epochs=3")
+    )
     assert unknown_key.returncode != 0
     assert "nm_epochs" in unknown_key.stderr
     bad_stage = run_launch(smoke_args(str(tmp_path / "b"), idx_dir, "--stages=teachr"))

@@ -17,13 +17,26 @@ NUM_IMAGES, SHARD_SIZE = 60, 16
 
 
 def start_worker(out, devices=1, env=None, **flags):
-    full_env = dict(os.environ, JAX_PLATFORMS="cpu",
-                    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env or {}))
-    args = [sys.executable, WORKER, "--out", str(out), "--num_images", str(NUM_IMAGES),
-            "--shard_size", str(SHARD_SIZE)]
+    full_env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        **(env or {}),
+    )
+    args = [
+        sys.executable,
+        WORKER,
+        "--out",
+        str(out),
+        "--num_images",
+        str(NUM_IMAGES),
+        "--shard_size",
+        str(SHARD_SIZE),
+    ]
     args += [f"--{k}={v}" for k, v in flags.items()]
-    return subprocess.Popen(args, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(
+        args, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def run_worker(out, devices=1, env=None, **flags):
@@ -33,7 +46,9 @@ def run_worker(out, devices=1, env=None, **flags):
 
 
 def read_all(out) -> np.ndarray:
-    dataset = regenerate.load_variations(str(out), NUM_IMAGES, SHARD_SIZE, (28, 28, 1), "0123456789")
+    dataset = regenerate.load_variations(
+        str(out), NUM_IMAGES, SHARD_SIZE, (28, 28, 1), "0123456789"
+    )
     return dataset.images
 
 
@@ -76,8 +91,14 @@ def free_port() -> int:
 def test_two_processes_of_two_devices_write_the_same_dataset(reference, tmp_path):
     coordinator = f"localhost:{free_port()}"
     workers = [
-        start_worker(tmp_path, devices=2, per_device_batch=4, coordinator=coordinator,
-                     num_processes=2, process_id=i)
+        start_worker(
+            tmp_path,
+            devices=2,
+            per_device_batch=4,
+            coordinator=coordinator,
+            num_processes=2,
+            process_id=i,
+        )
         for i in range(2)
     ]
     outputs = [w.communicate(timeout=600) for w in workers]

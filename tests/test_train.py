@@ -26,8 +26,11 @@ def tiny_state(mesh, width=4, seed=0):
 
 def batch_of(images, labels, mesh):
     return sharding.to_global(
-        {"image": images, "label": labels.astype(np.int32),
-         "index": np.arange(len(labels), dtype=np.int32)},
+        {
+            "image": images,
+            "label": labels.astype(np.int32),
+            "index": np.arange(len(labels), dtype=np.int32),
+        },
         mesh,
     )
 
@@ -56,11 +59,15 @@ def test_kd_loss_matches_hand_computation_and_limits():
         e = np.exp(v - v.max())
         return e / e.sum()
 
-    kl = np.mean([
-        np.sum(softmax(t / temperature) * (np.log(softmax(t / temperature))
-                                          - np.log(softmax(s / temperature))))
-        for s, t in zip(np.asarray(student), np.asarray(teacher))
-    ])
+    kl = np.mean(
+        [
+            np.sum(
+                softmax(t / temperature)
+                * (np.log(softmax(t / temperature)) - np.log(softmax(s / temperature)))
+            )
+            for s, t in zip(np.asarray(student), np.asarray(teacher))
+        ]
+    )
     ce = np.mean([-np.log(softmax(s)[y]) for s, y in zip(np.asarray(student), [1, 2])])
     expected = alpha * temperature**2 * kl + (1 - alpha) * ce
     got = train.distillation_loss(student, teacher, labels, alpha, temperature)
@@ -81,8 +88,11 @@ def test_distill_step_pulls_student_toward_teacher():
     images, labels = synthetic_images(32, seed=3)
     batch = batch_of(images[..., None], labels, mesh)
     step_fn = functools.partial(
-        train.distill_step, teacher_apply=model.apply, augment=train.Augment(),
-        alpha=1.0, temperature=2.0,
+        train.distill_step,
+        teacher_apply=model.apply,
+        augment=train.Augment(),
+        alpha=1.0,
+        temperature=2.0,
     )
     step = train.jit_step(step_fn, mesh, num_static_args=1)
     teacher_vars = teacher.variables
@@ -138,11 +148,15 @@ print(json.dumps({{"devices": jax.device_count(), "losses": losses,
 
 
 def run_on_devices(devices: int) -> dict:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_PLATFORMS="cpu")
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+    )
     script = DEVICE_SCRIPT.format(repo=REPO, tests=os.path.join(REPO, "tests"))
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -74,7 +74,10 @@ def make_unet(
 
 
 def make_vae(
-    block_out_channels, layers_per_block: int, latent_channels: int, image_channels: int,
+    block_out_channels,
+    layers_per_block: int,
+    latent_channels: int,
+    image_channels: int,
     image_size: int,
 ) -> FlaxAutoencoderKL:
     """A KL autoencoder; each level after the first halves the resolution."""

@@ -115,7 +115,9 @@ class LatentDiffusion:
         if height <= size and width <= size:
             top, left = (size - height) // 2, (size - width) // 2
             return images[:, top : top + height, left : left + width]
-        return jax.image.resize(images, (images.shape[0], height, width, images.shape[-1]), "linear")
+        return jax.image.resize(
+            images, (images.shape[0], height, width, images.shape[-1]), "linear"
+        )
 
     # -------------------------------------------------------------- conditioning
 
@@ -197,8 +199,9 @@ def _norms(grads, params) -> dict:
     return {"grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params)}
 
 
-def vae_train_step(state: EMATrainState, batch, rng, *, model: LatentDiffusion, kl_weight: float,
-                   ema_decay: float):
+def vae_train_step(
+    state: EMATrainState, batch, rng, *, model: LatentDiffusion, kl_weight: float, ema_decay: float
+):
     """One autoencoder step: L1 reconstruction plus a small KL to N(0, I), as SD's VAE (less
     its perceptual and adversarial terms, which do not pay on 28-pixel grayscale images)."""
     images = model.to_generator_space(normalize(batch["image"]))

@@ -111,7 +111,9 @@ def make_variation_fn(model: LatentDiffusion, settings: SamplerSettings):
         if guided:
             null = model.context(params["label_table"], embedding, labels, ~no_drop)
             context = jnp.concatenate([null, context])
-        start_noise = _normal(jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys), model.latent_shape)
+        start_noise = _normal(
+            jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys), model.latent_shape
+        )
         if settings.strength < 1.0:
             mean, _ = adapter.encode(model.vae, params["vae"], model.to_generator_space(source))
             alpha0 = alphas_j[timesteps[0]]
@@ -138,7 +140,9 @@ def make_variation_fn(model: LatentDiffusion, settings: SamplerSettings):
                 if settings.eta > 0
                 else jnp.zeros_like(latents)
             )
-            return ddim_update(latents, noise_pred, alphas_j[t], alpha_prev, settings.eta, step_noise)
+            return ddim_update(
+                latents, noise_pred, alphas_j[t], alpha_prev, settings.eta, step_noise
+            )
 
         latents = jax.lax.fori_loop(0, len(timesteps), body, latents)
         decoded = adapter.decode(model.vae, params["vae"], latents / params["latent_scale"])

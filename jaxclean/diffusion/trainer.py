@@ -45,7 +45,9 @@ def batched_apply(fn, params, arrays: tuple, batch_size: int, mesh) -> list[np.n
         result = fn(params, *(batch[str(i)] for i in range(len(chunk))))
         result = result if isinstance(result, tuple) else (result,)
         host = [sharding.to_host(r)[:valid] for r in result]
-        outputs = [[h] for h in host] if outputs is None else [o + [h] for o, h in zip(outputs, host)]
+        outputs = (
+            [[h] for h in host] if outputs is None else [o + [h] for o, h in zip(outputs, host)]
+        )
     return [np.concatenate(o) for o in outputs]
 
 
@@ -53,8 +55,15 @@ def _adam(learning_rate: float, clip: float = 1.0):
     return optax.chain(optax.clip_by_global_norm(clip), optax.adam(learning_rate))
 
 
-def train_vae(model: LatentDiffusion, dataset: ImageDataset, config, directory: str, mesh,
-              writer: MetricWriter, seed: int) -> dict:
+def train_vae(
+    model: LatentDiffusion,
+    dataset: ImageDataset,
+    config,
+    directory: str,
+    mesh,
+    writer: MetricWriter,
+    seed: int,
+) -> dict:
     """Phase 1: the autoencoder. Returns its (EMA) parameters."""
     tx = _adam(config.learning_rate)
     generator_shape = (model.image_size, model.image_size, model.image_shape[-1])
@@ -63,21 +72,32 @@ def train_vae(model: LatentDiffusion, dataset: ImageDataset, config, directory: 
         lambda key: EMATrainState.create(init(rng=key), tx), out_shardings=sharding.replicated(mesh)
     )(jax.random.key(seed))
     step = train.jit_step(
-        functools.partial(vae_train_step, model=model, kl_weight=config.kl_weight,
-                          ema_decay=config.ema_decay),
+        functools.partial(
+            vae_train_step, model=model, kl_weight=config.kl_weight, ema_decay=config.ema_decay
+        ),
         mesh,
     )
     result = train.fit(
-        state, step, dataset, batch_size=config.batch_size, num_epochs=config.num_epochs,
-        seed=seed, mesh=mesh, checkpoint_dir=os.path.join(directory, "vae_checkpoints"),
-        writer=writer, prefix="generator/vae", log_every_steps=config.log_every_steps,
-        checkpoint_every_steps=config.checkpoint_every_steps, description="generator vae",
+        state,
+        step,
+        dataset,
+        batch_size=config.batch_size,
+        num_epochs=config.num_epochs,
+        seed=seed,
+        mesh=mesh,
+        checkpoint_dir=os.path.join(directory, "vae_checkpoints"),
+        writer=writer,
+        prefix="generator/vae",
+        log_every_steps=config.log_every_steps,
+        checkpoint_every_steps=config.checkpoint_every_steps,
+        description="generator vae",
     )
     return result.state.ema_params
 
 
-def encode_dataset(model: LatentDiffusion, params: dict, dataset: ImageDataset, batch_size: int,
-                   mesh) -> dict:
+def encode_dataset(
+    model: LatentDiffusion, params: dict, dataset: ImageDataset, batch_size: int, mesh
+) -> dict:
     """Embeddings and VAE posterior (mean, std) of every image, for the denoiser's training."""
 
     @jax.jit
@@ -94,8 +114,16 @@ def encode_dataset(model: LatentDiffusion, params: dict, dataset: ImageDataset, 
     return {"features": raw, "latent_mean": mean, "latent_std": std}
 
 
-def train_denoiser(model: LatentDiffusion, fields: dict, config, cond_dropout: float,
-                   directory: str, mesh, writer: MetricWriter, seed: int) -> dict:
+def train_denoiser(
+    model: LatentDiffusion,
+    fields: dict,
+    config,
+    cond_dropout: float,
+    directory: str,
+    mesh,
+    writer: MetricWriter,
+    seed: int,
+) -> dict:
     """Phase 2: the conditional UNet on precomputed latents. Returns its EMA parameters."""
     tx = _adam(config.learning_rate)
     state = jax.jit(
@@ -103,21 +131,39 @@ def train_denoiser(model: LatentDiffusion, fields: dict, config, cond_dropout: f
         out_shardings=sharding.replicated(mesh),
     )(jax.random.key(seed + 1))
     step = train.jit_step(
-        functools.partial(denoiser_train_step, model=model, cond_dropout=cond_dropout,
-                          ema_decay=config.ema_decay),
+        functools.partial(
+            denoiser_train_step, model=model, cond_dropout=cond_dropout, ema_decay=config.ema_decay
+        ),
         mesh,
     )
     result = train.fit(
-        state, step, fields, batch_size=config.batch_size, num_epochs=config.num_epochs,
-        seed=seed + 1, mesh=mesh, checkpoint_dir=os.path.join(directory, "unet_checkpoints"),
-        writer=writer, prefix="generator/unet", log_every_steps=config.log_every_steps,
-        checkpoint_every_steps=config.checkpoint_every_steps, description="generator unet",
+        state,
+        step,
+        fields,
+        batch_size=config.batch_size,
+        num_epochs=config.num_epochs,
+        seed=seed + 1,
+        mesh=mesh,
+        checkpoint_dir=os.path.join(directory, "unet_checkpoints"),
+        writer=writer,
+        prefix="generator/unet",
+        log_every_steps=config.log_every_steps,
+        checkpoint_every_steps=config.checkpoint_every_steps,
+        description="generator unet",
     )
     return result.state.ema_params
 
 
-def train_generator(model: LatentDiffusion, dataset: ImageDataset, encoder_variables: dict,
-                    gen_config, directory: str, mesh, writer: MetricWriter, seed: int) -> dict:
+def train_generator(
+    model: LatentDiffusion,
+    dataset: ImageDataset,
+    encoder_variables: dict,
+    gen_config,
+    directory: str,
+    mesh,
+    writer: MetricWriter,
+    seed: int,
+) -> dict:
     """Trains VAE then denoiser on `dataset`; returns the sampler's parameter pytree."""
     vae_params = train_vae(model, dataset, gen_config.vae, directory, mesh, writer, seed)
     params = {"encoder": encoder_variables, "vae": vae_params}
@@ -126,15 +172,18 @@ def train_generator(model: LatentDiffusion, dataset: ImageDataset, encoder_varia
     embed_mean = features.mean(0)
     embed_std = features.std(0) + 1e-6
     # Scale latents to unit variance, as SD's 0.18215 does for its VAE.
-    latent_scale = float(1.0 / np.sqrt(np.mean(encoded["latent_mean"] ** 2 + encoded["latent_std"] ** 2)))
+    latent_scale = float(
+        1.0 / np.sqrt(np.mean(encoded["latent_mean"] ** 2 + encoded["latent_std"] ** 2))
+    )
     fields = {
         "latent_mean": encoded["latent_mean"] * latent_scale,
         "latent_std": encoded["latent_std"] * latent_scale,
         "embedding": (features - embed_mean) / embed_std,
         "label": dataset.labels,
     }
-    denoiser = train_denoiser(model, fields, gen_config.unet, gen_config.cond_dropout, directory,
-                              mesh, writer, seed)
+    denoiser = train_denoiser(
+        model, fields, gen_config.unet, gen_config.cond_dropout, directory, mesh, writer, seed
+    )
     return {
         **params,
         "unet": denoiser["unet"],
@@ -149,7 +198,9 @@ def abstract_params(model: LatentDiffusion, encoder_variables_like) -> dict:
     """Shapes of the sampler's parameters, to check a checkpoint against the architecture."""
     size = model.image_size
     vae = jax.eval_shape(
-        functools.partial(adapter.init_vae, model.vae, image_shape=(size, size, model.image_shape[-1])),
+        functools.partial(
+            adapter.init_vae, model.vae, image_shape=(size, size, model.image_shape[-1])
+        ),
         jax.random.key(0),
     )
     denoiser = jax.eval_shape(functools.partial(init_denoiser_params, model), jax.random.key(0))
