@@ -51,6 +51,26 @@ def batched_apply(fn, params, arrays: tuple, batch_size: int, mesh) -> list[np.n
     return [np.concatenate(o) for o in outputs]
 
 
+def _fit_phase(phase, state, step, data, config, seed, directory, mesh, writer) -> dict:
+    """Runs one generator phase through train.fit; returns the EMA parameters."""
+    result = train.fit(
+        state,
+        step,
+        data,
+        batch_size=config.batch_size,
+        num_epochs=config.num_epochs,
+        seed=seed,
+        mesh=mesh,
+        checkpoint_dir=os.path.join(directory, f"{phase}_checkpoints"),
+        writer=writer,
+        prefix=f"generator/{phase}",
+        log_every_steps=config.log_every_steps,
+        checkpoint_every_steps=config.checkpoint_every_steps,
+        description=f"generator {phase}",
+    )
+    return result.state.ema_params
+
+
 def _adam(learning_rate: float, clip: float = 1.0):
     return optax.chain(optax.clip_by_global_norm(clip), optax.adam(learning_rate))
 
@@ -77,22 +97,7 @@ def train_vae(
         ),
         mesh,
     )
-    result = train.fit(
-        state,
-        step,
-        dataset,
-        batch_size=config.batch_size,
-        num_epochs=config.num_epochs,
-        seed=seed,
-        mesh=mesh,
-        checkpoint_dir=os.path.join(directory, "vae_checkpoints"),
-        writer=writer,
-        prefix="generator/vae",
-        log_every_steps=config.log_every_steps,
-        checkpoint_every_steps=config.checkpoint_every_steps,
-        description="generator vae",
-    )
-    return result.state.ema_params
+    return _fit_phase("vae", state, step, dataset, config, seed, directory, mesh, writer)
 
 
 def encode_dataset(
@@ -136,22 +141,7 @@ def train_denoiser(
         ),
         mesh,
     )
-    result = train.fit(
-        state,
-        step,
-        fields,
-        batch_size=config.batch_size,
-        num_epochs=config.num_epochs,
-        seed=seed + 1,
-        mesh=mesh,
-        checkpoint_dir=os.path.join(directory, "unet_checkpoints"),
-        writer=writer,
-        prefix="generator/unet",
-        log_every_steps=config.log_every_steps,
-        checkpoint_every_steps=config.checkpoint_every_steps,
-        description="generator unet",
-    )
-    return result.state.ema_params
+    return _fit_phase("unet", state, step, fields, config, seed + 1, directory, mesh, writer)
 
 
 def train_generator(
