@@ -250,7 +250,13 @@ def test_launch_reports_bad_input_clearly(idx_dir, tmp_path):
 def test_configs_load_and_validate():
     import importlib
 
-    for name in ("fashion_mnist_badnets", "fashion_mnist_blended", "smoke"):
+    for name in (
+        "fashion_mnist_badnets",
+        "fashion_mnist_blended",
+        "fashion_mnist_badnets_demo",
+        "fashion_mnist_badnets_premise",
+        "smoke",
+    ):
         config = importlib.import_module(f"configs.{name}").get_config()
         pipeline.validate_config(config)
     assert os.path.exists(os.path.join(REPO, "launch.py"))
