@@ -101,7 +101,9 @@ def generator_stage(exp: Experiment) -> None:
     model = build_generator(exp)
     pretrained = exp.config.generator.get("pretrained", "")
     if pretrained:
+        # Copied into this workdir, so the run stays whole if the other one is deleted.
         params = _adopt_pretrained(exp, model, pretrained, record.spec)
+        checkpointing.save_tree(record.path("model"), jax.device_get(params))
     else:
         encoder_model, encoder_variables = load_classifier(
             exp, "encoder", exp.config.generator.encoder, split.num_classes

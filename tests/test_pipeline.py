@@ -275,3 +275,23 @@ def test_generator_for_another_image_size_is_refused(idx_dir, tmp_path):
     )
     with pytest.raises(pipeline.ConfigError, match=r"makes \[32, 32, 3\] images"):
         pipeline.run(smoke_config(idx_dir), str(workdir), "regenerate")
+
+
+@pytest.mark.slow
+def test_pretrained_generator_is_adopted_only_with_matching_provenance(full_run, idx_dir, tmp_path):
+    workdir, _ = full_run
+    config = smoke_config(idx_dir)
+    config.generator.pretrained = os.path.join(workdir, "generator")
+    adopted = str(tmp_path / "adopted")
+    pipeline.run(config, adopted, "generator,regenerate")
+    # Its own copy of the weights, and the same variations as the run it came from.
+    assert os.path.isdir(os.path.join(adopted, "generator", "model"))
+    for shard in ("shard-00000.npz", "shard-00002.npz"):
+        ours = np.load(os.path.join(adopted, "regenerated", "variations", "shards", shard))
+        theirs = np.load(os.path.join(workdir, "regenerated", "variations", "shards", shard))
+        np.testing.assert_array_equal(ours["images"], theirs["images"])
+    other = smoke_config(idx_dir)
+    other.generator.pretrained = os.path.join(workdir, "generator")
+    other.generator.cond_dropout = 0.2
+    with pytest.raises(pipeline.ConfigError, match="made from another config"):
+        pipeline.run(other, str(tmp_path / "other"), "generator")
