@@ -442,6 +442,29 @@ def make_predict_fn(apply_fn: Callable, mesh) -> Callable:
     )
 
 
+def batched_apply(fn, params, arrays: tuple, batch_size: int, mesh) -> list[np.ndarray]:
+    """Applies jitted fn(params, *batch) over every row, padding the last batch.
+
+    Returns one numpy array per output of fn, rows in order.
+    """
+    num = len(arrays[0])
+    rows = sharding.process_rows(batch_size)
+    outputs = None
+    for start in range(0, num, batch_size):
+        chunk = [a[start : start + batch_size] for a in arrays]
+        valid = len(chunk[0])
+        if valid < batch_size:
+            chunk = [np.concatenate([c, np.repeat(c[:1], batch_size - valid, 0)]) for c in chunk]
+        batch = sharding.to_global({str(i): c[rows] for i, c in enumerate(chunk)}, mesh)
+        result = fn(params, *(batch[str(i)] for i in range(len(chunk))))
+        result = result if isinstance(result, tuple) else (result,)
+        host = [sharding.to_host(r)[:valid] for r in result]
+        outputs = (
+            [[h] for h in host] if outputs is None else [o + [h] for o, h in zip(outputs, host)]
+        )
+    return [np.concatenate(o) for o in outputs]
+
+
 def predict(
     predict_fn: Callable, variables: dict, images: np.ndarray, batch_size: int, mesh
 ) -> np.ndarray:
@@ -451,15 +474,6 @@ def predict(
     padding is dropped from the result. Every process passes the same `images`.
     """
     sharding.check_batch_size(batch_size, "eval batch")
-    rows = sharding.process_rows(batch_size)
-    outputs = []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        valid = len(chunk)
-        if valid < batch_size:
-            pad = np.zeros((batch_size - valid, *chunk.shape[1:]), chunk.dtype)
-            chunk = np.concatenate([chunk, pad])
-        batch = sharding.to_global({"image": chunk[rows]}, mesh)["image"]
-        logits = sharding.to_host(predict_fn(variables, batch))
-        outputs.append(logits[:valid])
-    return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
+    if len(images) == 0:
+        return np.zeros((0, 0), np.float32)
+    return batched_apply(predict_fn, variables, (images,), batch_size, mesh)[0]

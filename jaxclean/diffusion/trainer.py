@@ -28,29 +28,6 @@ from jaxclean.diffusion.generator import (
 from jaxclean.metrics import MetricWriter
 
 
-def batched_apply(fn, params, arrays: tuple, batch_size: int, mesh) -> list[np.ndarray]:
-    """Applies jitted fn(params, *batch) over every row, padding the last batch.
-
-    Returns one numpy array per output of fn, rows in order.
-    """
-    num = len(arrays[0])
-    rows = sharding.process_rows(batch_size)
-    outputs = None
-    for start in range(0, num, batch_size):
-        chunk = [a[start : start + batch_size] for a in arrays]
-        valid = len(chunk[0])
-        if valid < batch_size:
-            chunk = [np.concatenate([c, np.repeat(c[:1], batch_size - valid, 0)]) for c in chunk]
-        batch = sharding.to_global({str(i): c[rows] for i, c in enumerate(chunk)}, mesh)
-        result = fn(params, *(batch[str(i)] for i in range(len(chunk))))
-        result = result if isinstance(result, tuple) else (result,)
-        host = [sharding.to_host(r)[:valid] for r in result]
-        outputs = (
-            [[h] for h in host] if outputs is None else [o + [h] for o, h in zip(outputs, host)]
-        )
-    return [np.concatenate(o) for o in outputs]
-
-
 def _fit_phase(phase, state, step, data, config, seed, directory, mesh, writer) -> dict:
     """Runs one generator phase through train.fit; returns the EMA parameters."""
     result = train.fit(
@@ -115,7 +92,7 @@ def encode_dataset(
         )
         return raw, mean, std
 
-    raw, mean, std = batched_apply(features, params, (dataset.images,), batch_size, mesh)
+    raw, mean, std = train.batched_apply(features, params, (dataset.images,), batch_size, mesh)
     return {"features": raw, "latent_mean": mean, "latent_std": std}
 
 
