@@ -55,7 +55,10 @@ def fashion_mnist_data(**overrides) -> ml_collections.ConfigDict:
             # Held out of train, class-balanced, never poisoned: trains the generator.
             trusted_size=10_000,
             image_size=0,  # 0: keep the source's size.
-            train_limit=0,  # 0: all; >0 keeps the first N (for quick runs).
+            train_limit=0,  # 0: all; >0 keeps the first N of the source (for quick runs).
+            # 0: all; >0 keeps the first N of train once trusted is carved out, so that the
+            # trusted split, and a generator trained on it, stay those of the full run.
+            train_subset=0,
             test_limit=0,
             download=False,  # tfds only: prepare when missing (needs network).
         )
@@ -111,27 +114,32 @@ def generator_config(**overrides) -> ml_collections.ConfigDict:
             # The semantic encoder: a classifier trained on the generator's split. The split is
             # a fifth of train, so it gets more epochs for a similar number of steps.
             encoder=classifier_recipe(num_epochs=20, lr_decay_epochs=(14, 18)),
+            # Two levels: 16x16x4 latents. A probe with three (8x8x4) capped the teacher's
+            # accuracy on plain VAE reconstructions at 0.83 (0.92 on the originals): the
+            # latent lost the details that tell shirts from T-shirts; two levels gave 0.88
+            # after 2 epochs.
             vae=dict(
-                block_out_channels=(32, 32, 64),
+                block_out_channels=(32, 64),
                 layers_per_block=1,
                 latent_channels=4,
                 kl_weight=1e-6,
                 learning_rate=1e-3,
                 batch_size=64,
-                num_epochs=4,
+                num_epochs=20,
                 ema_decay=0.999,
                 log_every_steps=50,
                 checkpoint_every_steps=500,
             ),
             unet=dict(
-                block_out_channels=(32, 64),
+                # Attention at 8x8 and 4x4, not at 16x16, where it costs the most.
+                block_out_channels=(32, 64, 64),
                 layers_per_block=1,
                 attention_head_dim=8,
                 num_train_timesteps=1000,
                 beta_schedule="scaled_linear",
                 learning_rate=1e-3,
                 batch_size=128,
-                num_epochs=40,
+                num_epochs=100,
                 ema_decay=0.999,
                 log_every_steps=50,
                 checkpoint_every_steps=500,

@@ -65,11 +65,11 @@ def fingerprint(obj) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _differences(old, new, prefix="") -> list[str]:
+def differences(old, new, prefix="") -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for key in sorted(set(old) | set(new)):
-            out += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+            out += differences(old.get(key), new.get(key), f"{prefix}{key}.")
         return out
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
@@ -93,7 +93,7 @@ class StageRecord:
         if os.path.exists(self._spec_path):
             old = read_json(self._spec_path)
             if old != self.spec:
-                changes = "; ".join(_differences(old, self.spec)[:8])
+                changes = "; ".join(differences(old, self.spec)[:8])
                 raise StageConflict(
                     f"stage {self.name!r} in {self.directory} was made from another config "
                     f"({changes}). Use a new --workdir, or delete {self.directory} to redo it."

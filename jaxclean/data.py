@@ -389,7 +389,8 @@ def load_splits(data_config, seed: int) -> Splits:
     """Loads the source and carves the trusted split out of its training set.
 
     Args:
-      data_config: config.data (source, dir, trusted_size, optional train_limit/test_limit).
+      data_config: config.data (source, dir, trusted_size, optional train_limit, test_limit
+        and train_subset).
       seed: chooses the trusted subset.
     """
     source = load_source(data_config)
@@ -403,8 +404,15 @@ def load_splits(data_config, seed: int) -> Splits:
     )
     train_mask = np.ones(len(full_train), bool)
     train_mask[trusted_indices] = False
+    train_indices = np.flatnonzero(train_mask)
+    if data_config.get("train_subset", 0) < 0:
+        raise DataError(f"data.train_subset {data_config.train_subset} must be >= 0 (0: all)")
+    if data_config.get("train_subset"):
+        # After the trusted split is carved, so a quick run keeps the full run's trusted split
+        # (and can adopt a generator trained on it); train_limit cuts before, changing both.
+        train_indices = train_indices[: data_config.train_subset]
     return Splits(
-        train=full_train.subset(np.flatnonzero(train_mask)),
+        train=full_train.subset(train_indices),
         trusted=full_train.subset(trusted_indices),
         test=test,
         trusted_indices=trusted_indices,

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 
+import flax.serialization
 import jax
 import numpy as np
 
 from jaxclean import attacks, checkpointing, evaluate, images, regenerate, report, sharding, train
-from jaxclean.artifacts import atomic_write_bytes, read_json
+from jaxclean.artifacts import atomic_write_bytes, differences, read_json, to_jsonable
 from jaxclean.data import ImageDataset
 from jaxclean.diffusion import generator as generator_lib
 from jaxclean.diffusion import sampler as sampler_lib
@@ -24,6 +26,7 @@ from jaxclean.experiment import (
 )
 
 GENERATOR_SPLITS = ("trusted", "poisoned_train")
+EXPORT_FILE = "model.msgpack"  # The generator's weights in one portable file.
 
 
 def validate_config(config) -> None:
@@ -78,9 +81,19 @@ def encoder_stage(exp: Experiment) -> None:
 
 
 def _generator_spec(exp: Experiment, split: ImageDataset) -> dict:
+    """What decides the generator's weights, and nothing else: its config, the seed, and the
+    exact images it learns from. So a generator trained once (on the same trusted split) can be
+    adopted by any attack config or training subset, as the paper adopts a pretrained model."""
     gen = exp.config.generator.to_dict()
     gen.pop("pretrained", None)  # Where the weights come from does not change what they are.
-    return {**_split_spec(exp), "generator": gen, "split_fingerprint": split.fingerprint()}
+    return {
+        "seed": exp.config.seed,
+        "generator": gen,
+        "train_split": exp.config.generator.train_split,
+        "split_fingerprint": split.fingerprint(),
+        "image_shape": list(split.image_shape),
+        "num_classes": split.num_classes,
+    }
 
 
 def build_generator(exp: Experiment) -> generator_lib.LatentDiffusion:
@@ -102,7 +115,7 @@ def generator_stage(exp: Experiment) -> None:
     pretrained = exp.config.generator.get("pretrained", "")
     if pretrained:
         # Copied into this workdir, so the run stays whole if the other one is deleted.
-        params = _adopt_pretrained(exp, model, pretrained, record.spec)
+        params = _adopt_pretrained(model, pretrained, record.spec)
         checkpointing.save_tree(record.path("model"), jax.device_get(params))
     else:
         encoder_model, encoder_variables = load_classifier(
@@ -126,38 +139,67 @@ def generator_stage(exp: Experiment) -> None:
                 "trained_on": exp.config.generator.train_split,
                 "pretrained": pretrained or None,
                 "image_shape": list(model.image_shape),
+                "model_sha256": _export_params(jax.device_get(params), record.path(EXPORT_FILE)),
             }
         )
     log(f"generator: ready; samples in {record.path('samples.png')}")
 
 
-def _adopt_pretrained(exp, model, directory: str, spec: dict):
-    """Loads a generator trained elsewhere, if it was trained on this very split and config."""
+def _export_params(params: dict, path: str) -> str:
+    """Writes the parameters as one msgpack file (portable, small enough to ship in the repo);
+    returns its sha256, which adoption checks."""
+    blob = flax.serialization.msgpack_serialize(params)
+    atomic_write_bytes(path, blob)
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _adopt_pretrained(model, directory: str, spec: dict):
+    """Loads a generator trained elsewhere, if it was trained from this very config and split.
+
+    `directory` is a finished generator stage (WORKDIR/generator) or a shipped copy of one
+    (spec.json, done.json and model.msgpack, as in pretrained/).
+    """
     done_path = os.path.join(directory, "done.json")
     spec_path = os.path.join(directory, "spec.json")
     if not (os.path.exists(done_path) and os.path.exists(spec_path)):
         raise ConfigError(f"pretrained generator {directory!r} has no finished generator stage")
     theirs = read_json(spec_path)
-    if theirs != spec:
+    if theirs != to_jsonable(spec):
+        changes = "; ".join(differences(theirs, to_jsonable(spec))[:6])
         raise ConfigError(
-            f"pretrained generator {directory!r} was made from another config or split "
-            "(its spec.json differs from this run's); retrain it or fix generator.pretrained"
+            f"pretrained generator {directory!r} was made from another config or trusted split "
+            f"({changes}); retrain it or fix generator.pretrained"
         )
-    return load_generator_params(model, os.path.join(directory, "model"))
+    exported = os.path.join(directory, EXPORT_FILE)
+    if not os.path.exists(exported):
+        return load_generator_params(model, os.path.join(directory, "model"))
+    with open(exported, "rb") as f:
+        blob = f.read()
+    expected = read_json(done_path).get("model_sha256")
+    if hashlib.sha256(blob).hexdigest() != expected:
+        raise ConfigError(
+            f"pretrained generator {exported} does not match the sha256 in its done.json "
+            "(corrupted or replaced): refusing it"
+        )
+    return check_generator_params(model, flax.serialization.msgpack_restore(blob), exported)
 
 
 def load_generator_params(model, path: str) -> dict:
     """The generator's parameters, checked against the configured architecture."""
     if not os.path.isdir(path):
         raise ConfigError(f"no generator checkpoint at {path}: run --stages=generator first")
-    encoder_like = jax.eval_shape(
-        model.encoder.init, jax.random.key(0), np.zeros((1, *model.image_shape), np.float32)
-    )
-    like = trainer.abstract_params(model, encoder_like)
     try:
         params = checkpointing.load_tree(path)
     except Exception as e:  # Orbax raises various types for unreadable trees.
         raise ConfigError(f"cannot read generator checkpoint {path}: {e}") from e
+    return check_generator_params(model, params, path)
+
+
+def check_generator_params(model, params: dict, path: str) -> dict:
+    encoder_like = jax.eval_shape(
+        model.encoder.init, jax.random.key(0), np.zeros((1, *model.image_shape), np.float32)
+    )
+    like = trainer.abstract_params(model, encoder_like)
     expected = jax.tree.map(lambda x: tuple(x.shape), like)
     got = jax.tree.map(lambda x: tuple(np.shape(x)), params)
     if jax.tree.structure(expected) != jax.tree.structure(got) or expected != got:

@@ -181,6 +181,27 @@ def test_trusted_split_is_balanced_deterministic_and_disjoint(tmp_path):
     np.testing.assert_array_equal(splits.train.images, full.images[kept])
 
 
+def test_train_subset_keeps_the_full_runs_trusted_split(tmp_path):
+    """train_subset cuts train after trusted is carved, so a quick run can adopt the generator
+    of the full run; train_limit cuts the source first and so changes the trusted split."""
+    write_idx_dataset(str(tmp_path), num_train=300, num_test=20)
+    config = ml_collections.ConfigDict(
+        dict(source="idx", dir=str(tmp_path), class_names=(), trusted_size=50, image_size=0)
+    )
+    full = data.load_splits(config, seed=0)
+    config.train_subset = 100
+    subset = data.load_splits(config, seed=0)
+    assert subset.trusted.fingerprint() == full.trusted.fingerprint()
+    assert len(subset.train) == 100
+    np.testing.assert_array_equal(subset.train.images, full.train.images[:100])
+    del config.train_subset
+    config.train_limit = 150
+    assert data.load_splits(config, seed=0).trusted.fingerprint() != full.trusted.fingerprint()
+    config.train_subset = -1
+    with pytest.raises(data.DataError, match="train_subset"):
+        data.load_splits(config, seed=0)
+
+
 def test_trusted_split_too_large():
     labels = np.arange(20) % 10
     with pytest.raises(data.DataError, match="trusted split size"):

@@ -293,5 +293,33 @@ def test_pretrained_generator_is_adopted_only_with_matching_provenance(full_run,
     other = smoke_config(idx_dir)
     other.generator.pretrained = os.path.join(workdir, "generator")
     other.generator.cond_dropout = 0.2
-    with pytest.raises(pipeline.ConfigError, match="made from another config"):
+    with pytest.raises(pipeline.ConfigError, match="made from another config.*cond_dropout"):
         pipeline.run(other, str(tmp_path / "other"), "generator")
+
+
+@pytest.mark.slow
+def test_shipped_generator_serves_other_attacks_and_subsets(full_run, idx_dir, tmp_path):
+    """The export a repo ships (spec, done, model.msgpack) is adopted by any run that shares
+    the trusted split, whatever its attack or training subset; a changed file is refused."""
+    workdir, _ = full_run
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    for name in ("spec.json", "done.json", "model.msgpack"):
+        shutil.copy(os.path.join(workdir, "generator", name), shipped / name)
+    config = smoke_config(idx_dir)
+    config.attack = smoke.get_config().attack.copy_and_resolve_references()
+    config.attack.name = "blended"
+    config.attack.trigger = dict(pattern="noise", ratio=0.2, noise_seed=42)
+    config.data.train_subset = 100
+    config.generator.pretrained = str(shipped)
+    adopted = str(tmp_path / "adopted")
+    pipeline.run(config, adopted, "generator")
+    ours = checkpointing.load_tree(os.path.join(adopted, "generator", "model"))
+    theirs = checkpointing.load_tree(os.path.join(workdir, "generator", "model"))
+    jax.tree.map(np.testing.assert_array_equal, ours, theirs)
+
+    blob = bytearray((shipped / "model.msgpack").read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (shipped / "model.msgpack").write_bytes(bytes(blob))
+    with pytest.raises(pipeline.ConfigError, match="sha256"):
+        pipeline.run(config, str(tmp_path / "corrupt"), "generator")
