@@ -33,7 +33,8 @@ launch() {  # launch LOG ARGS...: one launch.py run, its output kept in $OUT/LOG
     | tee -a "$OUT/$log.log"
 }
 
-GPU_BATCH=--config.regenerate.per_device_batch=512
+# DATA_DIR: where the Fashion-MNIST IDX files are, when not at the config's default path.
+GPU_BATCH="--config.regenerate.per_device_batch=512${DATA_DIR:+ --config.data.dir=$DATA_DIR}"
 REST=regenerate,diagnostics,student,variations_only,kd_on_original,trusted_only,clean_reference,report
 
 # The generator (trained on the trusted split) is the first thing saved: all else uses it.
