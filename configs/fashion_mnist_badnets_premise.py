@@ -14,6 +14,7 @@ from configs import fashion_mnist_badnets
 def get_config(arg=None):
     config = fashion_mnist_badnets.get_config(arg)
     config.generator.train_split = "poisoned_train"
+    config.generator.pretrained = ""  # The shipped generator is the trusted one: train anew.
     # Five times the images of the trusted split: fewer epochs for a similar number of steps.
     config.generator.encoder.num_epochs = 6
     config.generator.encoder.lr_decay_epochs = (4, 5)

@@ -71,6 +71,9 @@ def _split_spec(exp: Experiment) -> dict:
 
 def encoder_stage(exp: Experiment) -> None:
     """The generator's semantic encoder: a classifier trained on the generator's split."""
+    if exp.config.generator.get("pretrained", ""):
+        log("encoder: skipped; the pretrained generator brings its own")
+        return
     split = generator_split(exp)
     spec = {
         **_split_spec(exp),
@@ -162,7 +165,10 @@ def _adopt_pretrained(model, directory: str, spec: dict):
     done_path = os.path.join(directory, "done.json")
     spec_path = os.path.join(directory, "spec.json")
     if not (os.path.exists(done_path) and os.path.exists(spec_path)):
-        raise ConfigError(f"pretrained generator {directory!r} has no finished generator stage")
+        raise ConfigError(
+            f"pretrained generator {directory!r} has no finished generator stage; pass "
+            "--config.generator.pretrained= to train one in this run"
+        )
     theirs = read_json(spec_path)
     if theirs != to_jsonable(spec):
         changes = "; ".join(differences(theirs, to_jsonable(spec))[:6])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 
+import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
@@ -20,6 +21,8 @@ with warnings.catch_warnings():
         FlaxDDPMScheduler,
         FlaxUNet2DConditionModel,
     )
+    from transformers import CLIPVisionConfig
+    from transformers.models.clip.modeling_flax_clip import FlaxCLIPVisionTransformer
 
 # diffusers' Flax blocks normalise with 32-group GroupNorm: widths must be multiples of 32.
 GROUP_NORM_GROUPS = 32
@@ -136,3 +139,53 @@ def decode(vae, params, latents) -> jnp.ndarray:
     """NHWC latents to NHWC images (about [-1, 1])."""
     out = vae.apply({"params": params}, latents, method=vae.decode).sample
     return jnp.transpose(out, (0, 2, 3, 1))
+
+
+# ----------------------------------------------------------------------------- CLIP image encoder
+
+
+class CLIPImageEncoder(nn.Module):
+    """CLIP's vision tower and projection: the image embedding SD image variations conditions on.
+
+    transformers 4.x has FlaxCLIPVisionModel but no vision-with-projection class, so the
+    projection (PyTorch's `visual_projection`, a bias-free linear map) is added here. The
+    submodule names match CLIPVisionModelWithProjection's, so its weights load by name.
+    """
+
+    config: CLIPVisionConfig
+
+    def setup(self):
+        self.vision_model = FlaxCLIPVisionTransformer(self.config)
+        self.visual_projection = nn.Dense(self.config.projection_dim, use_bias=False)
+
+    def __call__(self, pixel_values):
+        """NHWC pixels, CLIP-normalised, at the config's image_size -> [B, projection_dim]."""
+        outputs = self.vision_model(pixel_values, deterministic=True, return_dict=False)
+        return self.visual_projection(outputs[1])
+
+
+def make_clip_image_encoder(config: dict) -> CLIPImageEncoder:
+    """From an image_encoder/config.json (a CLIPVisionConfig's fields)."""
+    return CLIPImageEncoder(CLIPVisionConfig(**config))
+
+
+def init_clip_image_encoder(encoder: CLIPImageEncoder, rng) -> dict:
+    size = encoder.config.image_size
+    pixels = jnp.zeros((1, size, size, encoder.config.num_channels), jnp.float32)
+    return encoder.init(rng, pixels)["params"]
+
+
+# ----------------------------------------------------------------------------- from hub configs
+
+
+def unet_from_config(config: dict) -> FlaxUNet2DConditionModel:
+    """The UNet a hub component's config.json describes (e.g. SD 1.x's unet/config.json)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Hub configs carry PyTorch-only keys; those are dropped.
+        return FlaxUNet2DConditionModel.from_config(config)
+
+
+def vae_from_config(config: dict) -> FlaxAutoencoderKL:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return FlaxAutoencoderKL.from_config(config)

@@ -1,0 +1,64 @@
+"""The generator shipped in pretrained/: intact, small, and what the Fashion-MNIST configs ask for.
+
+A change to the generator defaults without retraining the shipped weights fails here, not in a
+user's run an hour in.
+"""
+
+import hashlib
+import json
+import os
+
+import pytest
+
+from configs import common, fashion_mnist_badnets, fashion_mnist_blended
+from jaxclean import data, generation
+from jaxclean.diffusion import generator as generator_lib
+
+SHIPPED = common.FASHION_MNIST_GENERATOR
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(os.path.join(SHIPPED, "done.json")), reason="no shipped generator"
+)
+
+
+def _read(name):
+    with open(os.path.join(SHIPPED, name)) as f:
+        return json.load(f)
+
+
+def test_shipped_generator_is_intact_and_small():
+    with open(os.path.join(SHIPPED, generation.EXPORT_FILE), "rb") as f:
+        blob = f.read()
+    assert len(blob) <= 20 * 2**20
+    assert hashlib.sha256(blob).hexdigest() == _read("done.json")["model_sha256"]
+
+
+@pytest.mark.parametrize("module", [fashion_mnist_badnets, fashion_mnist_blended])
+def test_full_configs_describe_the_shipped_generator(module):
+    config = module.get_config()
+    assert config.generator.pretrained == SHIPPED
+    spec = _read("spec.json")
+    wanted = config.generator.to_dict()
+    wanted.pop("pretrained")
+    assert json.loads(json.dumps(wanted)) == spec["generator"]
+    assert spec["seed"] == config.seed and spec["train_split"] == "trusted"
+
+
+def test_shipped_weights_fit_the_configured_architecture():
+    import flax.serialization
+
+    config = fashion_mnist_badnets.get_config()
+    spec = _read("spec.json")
+    model = generator_lib.build(config.generator, tuple(spec["image_shape"]), spec["num_classes"])
+    with open(os.path.join(SHIPPED, generation.EXPORT_FILE), "rb") as f:
+        params = flax.serialization.msgpack_restore(f.read())
+    generation.check_generator_params(model, params, SHIPPED)
+
+
+@pytest.mark.skipif(
+    not os.path.exists(os.path.join(common.FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")),
+    reason="Fashion-MNIST not installed",
+)
+def test_shipped_generator_was_trained_on_this_trusted_split():
+    config = fashion_mnist_badnets.get_config()
+    splits = data.load_splits(config.data, config.seed)
+    assert splits.trusted.fingerprint() == _read("spec.json")["split_fingerprint"]
