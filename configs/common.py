@@ -149,11 +149,27 @@ def generator_config(**overrides) -> ml_collections.ConfigDict:
                 beta_schedule="scaled_linear",
                 learning_rate=1e-3,
                 batch_size=128,
-                num_epochs=30,
+                num_epochs=20,
                 ema_decay=0.999,
                 log_every_steps=50,
                 checkpoint_every_steps=500,
             ),
+        )
+    )
+    config.update(overrides)
+    return config
+
+
+def sd_image_variations_config(**overrides) -> ml_collections.ConfigDict:
+    """A pretrained Stable Diffusion image-variation model (the paper's kind of generator)."""
+    config = ml_collections.ConfigDict(
+        dict(
+            name="sd_image_variations",
+            # A hub id, or a local directory in the hub's layout (unet/, vae/, image_encoder/,
+            # feature_extractor/, scheduler/), with safetensors weights.
+            model="lambdalabs/sd-image-variations-diffusers",
+            download=True,  # May fetch `model` into the hub's cache; False: local only.
+            resolution=512,  # Generation size; variations are resized back to the data's.
         )
     )
     config.update(overrides)

@@ -14,8 +14,9 @@ from jaxclean import attacks, checkpointing, evaluate, images, regenerate, repor
 from jaxclean.artifacts import atomic_write_bytes, differences, read_json, to_jsonable
 from jaxclean.data import ImageDataset
 from jaxclean.diffusion import generator as generator_lib
+from jaxclean.diffusion import hub, trainer
 from jaxclean.diffusion import sampler as sampler_lib
-from jaxclean.diffusion import trainer
+from jaxclean.diffusion import stable_diffusion as sd
 from jaxclean.experiment import (
     ConfigError,
     Experiment,
@@ -26,16 +27,24 @@ from jaxclean.experiment import (
 )
 
 GENERATOR_SPLITS = ("trusted", "poisoned_train")
+# latent_diffusion: trained here on the trusted split (the offline default). sd_image_variations:
+# a pretrained hub model (lambdalabs/sd-image-variations-diffusers or one of its layout).
+GENERATORS = ("latent_diffusion", "sd_image_variations")
 EXPORT_FILE = "model.msgpack"  # The generator's weights in one portable file.
 
 
 def validate_config(config) -> None:
     """Generator and sampler settings that are wrong whatever the data."""
-    if config.generator.train_split not in GENERATOR_SPLITS:
+    if config.generator.name not in GENERATORS:
+        raise ConfigError(f"unknown generator {config.generator.name!r}; known: {GENERATORS}")
+    if config.generator.name == "sd_image_variations":
+        if config.generator.resolution <= 0:
+            raise ConfigError(f"generator.resolution {config.generator.resolution} must be > 0")
+    elif config.generator.train_split not in GENERATOR_SPLITS:
         raise ConfigError(
             f"generator.train_split {config.generator.train_split!r}: use one of {GENERATOR_SPLITS}"
         )
-    if config.generator.condition not in generator_lib.CONDITIONS:
+    elif config.generator.condition not in generator_lib.CONDITIONS:
         raise ConfigError(
             f"generator.condition {config.generator.condition!r}: use one of "
             f"{generator_lib.CONDITIONS}"
@@ -102,12 +111,15 @@ def _generator_spec(exp: Experiment, split: ImageDataset) -> dict:
 def build_generator(exp: Experiment) -> generator_lib.LatentDiffusion:
     config = exp.config.generator
     if config.name != "latent_diffusion":
-        raise ConfigError(f"unknown generator {config.name!r}; known: ['latent_diffusion']")
+        raise ConfigError(f"generator {config.name!r} is not trained here")
     return generator_lib.build(config, exp.splits.train.image_shape, exp.splits.train.num_classes)
 
 
 def generator_stage(exp: Experiment) -> None:
     """Trains the image-variation generator, or adopts a pretrained one of the same provenance."""
+    if exp.config.generator.name == "sd_image_variations":
+        _hub_generator_stage(exp)
+        return
     split = generator_split(exp)
     record = exp.record("generator", _generator_spec(exp, split))
     if record.is_done():
@@ -154,6 +166,47 @@ def _export_params(params: dict, path: str) -> str:
     blob = flax.serialization.msgpack_serialize(params)
     atomic_write_bytes(path, blob)
     return hashlib.sha256(blob).hexdigest()
+
+
+def _hub_root(exp: Experiment) -> str:
+    config = exp.config.generator
+    try:
+        root = hub.resolve(config.model, sd.SD_IMAGE_VARIATIONS_COMPONENTS, config.download)
+        for component in sd.SD_IMAGE_VARIATIONS_COMPONENTS:
+            hub.component_dir(root, component)
+        return root
+    except hub.HubError as e:
+        raise ConfigError(str(e)) from e
+
+
+def _load_hub_generator(exp: Experiment, root: str):
+    try:
+        return sd.load_sd_image_variations(
+            root, exp.splits.train.image_shape, exp.config.generator.resolution
+        )
+    except hub.HubError as e:
+        raise ConfigError(str(e)) from e
+
+
+def _hub_generator_stage(exp: Experiment) -> None:
+    """A pretrained hub model needs no training: the stage records which weights it is (a
+    hash of its safetensors and configs) and draws samples, so a changed model is noticed."""
+    root = _hub_root(exp)
+    spec = {
+        "generator": exp.config.generator.to_dict(),
+        "weights": hub.fingerprint(root, sd.SD_IMAGE_VARIATIONS_COMPONENTS),
+        "image_shape": list(exp.splits.train.image_shape),
+    }
+    record = exp.record("generator", spec)
+    if record.is_done():
+        log(f"generator: done already ({root})")
+        return
+    record.claim()
+    model, params = _load_hub_generator(exp, root)
+    if exp.is_writer:
+        _save_samples(exp, model, params, exp.splits.train, record.path("samples.png"))
+        record.mark_done({"model_dir": root, "image_shape": list(model.image_shape)})
+    log(f"generator: {exp.config.generator.model} ready; samples in {record.path('samples.png')}")
 
 
 def _adopt_pretrained(model, directory: str, spec: dict):
@@ -285,8 +338,11 @@ def _regenerate_record(exp: Experiment):
 
 
 def _placed_sampler(exp: Experiment, mesh):
-    model = build_generator(exp)
-    params = load_generator_params(model, os.path.join(exp.workdir, "generator", "model"))
+    if exp.config.generator.name == "sd_image_variations":
+        model, params = _load_hub_generator(exp, _hub_root(exp))
+    else:
+        model = build_generator(exp)
+        params = load_generator_params(model, os.path.join(exp.workdir, "generator", "model"))
     params = jax.device_put(params, sharding.replicated(mesh))  # Once, not per batch.
     return model, sampler_lib.make_sampler(model, _sampler_settings(exp), mesh), params
 

@@ -7,18 +7,9 @@ import jax
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
+from tiny_hub import TINY_CLIP
 
 from jaxclean.diffusion import adapter, hub
-
-TINY_CLIP = dict(
-    hidden_size=32,
-    intermediate_size=37,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    image_size=30,
-    patch_size=15,
-    projection_dim=16,
-)
 
 
 def _tiny_components():

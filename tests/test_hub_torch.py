@@ -12,7 +12,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from test_hub import TINY_CLIP, _tiny_components  # noqa: E402
+from test_hub import _tiny_components  # noqa: E402
+from tiny_hub import TINY_CLIP  # noqa: E402
 
 from jaxclean.diffusion import adapter, hub  # noqa: E402
 

@@ -138,6 +138,34 @@ class LatentDiffusion:
             tokens.append(label_table[label_ids][:, None, :])
         return jnp.concatenate(tokens, axis=1)
 
+    # -------------------------------------------------------------- the sampler's interface
+    # (shared with the pretrained generators in stable_diffusion.py)
+
+    steps_offset = 0  # Timestep spacing as trained: plain "leading".
+    final_alpha_cumprod = 1.0  # The last DDIM step lands on the clean image.
+
+    def conditions(self, params: dict, images_uint8, labels):
+        """(conditional, unconditional) cross-attention tokens for classifier-free guidance."""
+        embedding = self.embed(params, images_uint8)
+        keep = jnp.zeros(images_uint8.shape[0], bool)
+        return (
+            self.context(params["label_table"], embedding, labels, keep),
+            self.context(params["label_table"], embedding, labels, ~keep),
+        )
+
+    def encode_source(self, params: dict, source: jax.Array) -> jax.Array:
+        """Unit-variance latents of dataset-size images in [-1, 1] (for strength < 1)."""
+        mean, _ = adapter.encode(self.vae, params["vae"], self.to_generator_space(source))
+        return mean * params["latent_scale"]
+
+    def predict_noise(self, params: dict, latents, timesteps, context) -> jax.Array:
+        return adapter.predict_noise(self.unet, params["unet"], latents, timesteps, context)
+
+    def decode_latents(self, params: dict, latents) -> jax.Array:
+        """Dataset-size images in [-1, 1]."""
+        decoded = adapter.decode(self.vae, params["vae"], latents / params["latent_scale"])
+        return jnp.clip(self.from_generator_space(decoded), -1.0, 1.0)
+
 
 def build(gen_config, image_shape, num_classes: int) -> LatentDiffusion:
     """The generator a config describes (modules only; no parameters)."""

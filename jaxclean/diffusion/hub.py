@@ -88,6 +88,22 @@ def read_weights(root: str, component: str) -> dict[str, np.ndarray]:
     return tensors
 
 
+def fingerprint(root: str, components) -> str:
+    """A sha256 over the components' configs and weights: names a model's exact files."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for component in components:
+        directory = component_dir(root, component)
+        for name in sorted(os.listdir(directory)):
+            if name.endswith((".json", ".safetensors", ".txt")):
+                digest.update(f"{component}/{name}".encode())
+                with open(os.path.join(directory, name), "rb") as f:
+                    for block in iter(lambda: f.read(1 << 24), b""):
+                        digest.update(block)
+    return digest.hexdigest()
+
+
 def _paths(key: str):
     """Flax paths a PyTorch key may name: nested (transformers: layers/0) and joined
     (diffusers: down_blocks_0)."""

@@ -16,8 +16,6 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxclean.diffusion import adapter
-from jaxclean.diffusion.generator import LatentDiffusion
 from jaxclean.sharding import DATA_AXIS
 from jaxclean.train import normalize
 
@@ -95,30 +93,33 @@ def _normal(keys, shape):
     return jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
 
 
-def make_variation_fn(model: LatentDiffusion, settings: SamplerSettings):
-    """The per-device function (params, uint8 images, indices, labels, key) -> uint8 images."""
+def make_variation_fn(model, settings: SamplerSettings):
+    """The per-device function (params, uint8 images, indices, labels, key) -> uint8 images.
+
+    `model` is any generator with the sampler's interface (see LatentDiffusion): conditions,
+    encode_source, predict_noise, decode_latents, latent_shape, alphas_cumprod, steps_offset
+    and final_alpha_cumprod.
+    """
     alphas = np.asarray(model.alphas_cumprod, np.float32)
-    timesteps, previous = ddim_timesteps(len(alphas), settings.steps, settings.strength)
+    timesteps, previous = ddim_timesteps(
+        len(alphas), settings.steps, settings.strength, model.steps_offset
+    )
     guided = settings.guidance != 1.0
 
     def variations(params, images, indices, labels, rng):
         keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(indices)
         source = normalize(images)
         alphas_j = jnp.asarray(alphas)
-        no_drop = jnp.zeros(images.shape[0], bool)
-        embedding = model.embed(params, images)
-        context = model.context(params["label_table"], embedding, labels, no_drop)
+        context, null = model.conditions(params, images, labels)
         if guided:
-            null = model.context(params["label_table"], embedding, labels, ~no_drop)
             context = jnp.concatenate([null, context])
         start_noise = _normal(
             jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys), model.latent_shape
         )
         if settings.strength < 1.0:
-            mean, _ = adapter.encode(model.vae, params["vae"], model.to_generator_space(source))
             alpha0 = alphas_j[timesteps[0]]
             latents = (
-                jnp.sqrt(alpha0) * mean * params["latent_scale"]
+                jnp.sqrt(alpha0) * model.encode_source(params, source)
                 + jnp.sqrt(1.0 - alpha0) * start_noise
             )
         else:
@@ -128,13 +129,13 @@ def make_variation_fn(model: LatentDiffusion, settings: SamplerSettings):
             t, prev = jnp.asarray(timesteps)[i], jnp.asarray(previous)[i]
             t_batch = jnp.full((latents.shape[0] * (2 if guided else 1),), t, jnp.int32)
             model_in = jnp.concatenate([latents, latents]) if guided else latents
-            noise_pred = adapter.predict_noise(
-                model.unet, params["unet"], model_in, t_batch, context
-            )
+            noise_pred = model.predict_noise(params, model_in, t_batch, context)
             if guided:
                 uncond, cond = jnp.split(noise_pred, 2)
                 noise_pred = uncond + settings.guidance * (cond - uncond)
-            alpha_prev = jnp.where(prev >= 0, alphas_j[jnp.maximum(prev, 0)], 1.0)
+            alpha_prev = jnp.where(
+                prev >= 0, alphas_j[jnp.maximum(prev, 0)], model.final_alpha_cumprod
+            )
             step_noise = (
                 _normal(jax.vmap(lambda k: jax.random.fold_in(k, i + 1))(keys), model.latent_shape)
                 if settings.eta > 0
@@ -145,8 +146,7 @@ def make_variation_fn(model: LatentDiffusion, settings: SamplerSettings):
             )
 
         latents = jax.lax.fori_loop(0, len(timesteps), body, latents)
-        decoded = adapter.decode(model.vae, params["vae"], latents / params["latent_scale"])
-        out = jnp.clip(model.from_generator_space(decoded), -1.0, 1.0)
+        out = model.decode_latents(params, latents)
         if settings.color_transfer:
             out = jnp.clip(color_transfer(out, source), -1.0, 1.0)
         return jnp.round((out + 1.0) * 127.5).astype(jnp.uint8)
@@ -154,7 +154,7 @@ def make_variation_fn(model: LatentDiffusion, settings: SamplerSettings):
     return variations
 
 
-def make_sampler(model: LatentDiffusion, settings: SamplerSettings, mesh):
+def make_sampler(model, settings: SamplerSettings, mesh):
     """Jitted sampler over `mesh`: rows split along "data", parameters replicated."""
     per_device = make_variation_fn(model, settings)
     mapped = jax.shard_map(
