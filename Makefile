@@ -45,7 +45,8 @@ demo: install dataset
 	$(PY) launch.py --config $(DEMO_CONFIG) --workdir $(DEMO_WORKDIR) --cpu_devices=$(CPU_DEVICES) \
 	  --stages=$(DEMO_STAGES)
 
-test: install
+# With the [bench] extra (CPU torch): the Flax components are checked against PyTorch's.
+test: install-bench
 	$(PY) -m pytest -q tests
 
 lint: install
