@@ -6,7 +6,9 @@
 Differs from configs/fashion_mnist_badnets.py in size only:
   - the first 5,000 images of the training split instead of all 50,000 (data.train_subset, taken
     after the trusted split is carved out, so the shipped generator's provenance still holds);
-  - 3 epochs for every classifier (decay after 2) instead of 6 (decay after 4 and 5);
+  - every classifier: 5 epochs (decay after 4) at batch 32 instead of 6 epochs (decay after 4
+    and 5) at batch 128, so that 5,000 images still give ~800 steps (at batch 128 and 3
+    epochs, 117 steps left the teacher at CA 0.65 and ASR 0.18: no backdoor to remove);
   - `make demo` leaves out the diagnostics stage (trigger learnability and the rest).
 The attack, the generator, the sampler settings and the distillation are the full config's.
 """
@@ -18,6 +20,7 @@ def get_config(arg=None):
     config = fashion_mnist_badnets.get_config(arg)
     config.data.train_subset = 5_000
     for recipe in (config.teacher, config.student):
-        recipe.num_epochs = 3
-        recipe.lr_decay_epochs = (2,)
+        recipe.num_epochs = 5
+        recipe.lr_decay_epochs = (4,)
+        recipe.batch_size = 32
     return config

@@ -129,7 +129,11 @@ def regenerate(
     key = jax.random.key(seed)
     written = skipped = generated = 0
     started = time.perf_counter()
-    bar = progress(total=len(mine) * shard_size, desc=description, unit="img")
+    bar = progress(
+        total=sum(len(shard_indices(s, shard_size, total)) for s in mine),
+        desc=description,
+        unit="img",
+    )
     for shard in mine:
         indices = shard_indices(shard, shard_size, total)
         path = shard_path(directory, shard)
