@@ -23,6 +23,8 @@ def main():
     parser.add_argument("--process_id", type=int)
     parser.add_argument("--num_processes", type=int)
     parser.add_argument("--coordinator")
+    # A hub-layout directory: regenerate with sd_image_variations instead (tests/tiny_hub.py).
+    parser.add_argument("--sd_model")
     args = parser.parse_args()
 
     from jaxclean import distributed
@@ -37,9 +39,17 @@ def main():
     from jaxclean.data import ImageDataset
     from jaxclean.diffusion import generator, sampler, trainer
 
-    config = smoke.get_config()
-    model = generator.build(config.generator, (28, 28, 1), 10)
-    params = trainer.random_params(model, jax.random.key(0))
+    if args.sd_model:
+        from tiny_hub import TINY_RESOLUTION
+
+        from jaxclean.diffusion import stable_diffusion
+
+        model, params = stable_diffusion.load_sd_image_variations(
+            args.sd_model, (28, 28, 1), TINY_RESOLUTION
+        )
+    else:
+        model = generator.build(smoke.get_config().generator, (28, 28, 1), 10)
+        params = trainer.random_params(model, jax.random.key(0))
     images, labels = synthetic_images(args.num_images, seed=3)
     dataset = ImageDataset(images[..., None], labels.astype(np.int32), tuple("0123456789"))
     mesh = sharding.local_mesh()

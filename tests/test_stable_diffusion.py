@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+from test_regenerate import read_all, run_worker
 from tiny_hub import TINY_RESOLUTION, write_tiny_sd_image_variations
 
 from configs import common, smoke
@@ -51,3 +52,16 @@ def test_missing_component_and_download_off_are_named(idx_dir, tiny_model, tmp_p
         pipeline.run(_config(idx_dir, str(broken)), str(tmp_path / "a"), "generator")
     with pytest.raises(pipeline.ConfigError, match="downloading is off"):
         pipeline.run(_config(idx_dir, "someone/missing-model"), str(tmp_path / "b"), "generator")
+
+
+@pytest.mark.slow
+def test_sd_variations_are_bit_identical_on_one_and_four_devices(tiny_model, tmp_path):
+    outputs = []
+    for devices in (1, 4):
+        out = tmp_path / f"devices{devices}"
+        code, stdout, stderr = run_worker(out, devices, per_device_batch=4, sd_model=tiny_model)
+        assert code == 0, stderr[-3000:]
+        assert f"local={devices}" in stdout
+        outputs.append(read_all(out))
+    assert outputs[0].std() > 10  # Not trivial: colour transfer gives each its source's spread.
+    np.testing.assert_array_equal(outputs[0], outputs[1])
