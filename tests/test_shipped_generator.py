@@ -48,10 +48,25 @@ def test_shipped_weights_fit_the_configured_architecture():
 
     config = fashion_mnist_badnets.get_config()
     spec = _read("spec.json")
-    model = generator_lib.build(config.generator, tuple(spec["image_shape"]), spec["num_classes"])
+    shape, classes = tuple(spec["image_shape"]), spec["num_classes"]
     with open(os.path.join(SHIPPED, generation.EXPORT_FILE), "rb") as f:
         params = flax.serialization.msgpack_restore(f.read())
-    generation.check_generator_params(model, params, SHIPPED)
+    model = generator_lib.build(config.generator, shape, classes)
+    checked = generation.check_generator_params(model, params, SHIPPED)
+    assert set(checked) == {
+        "encoder",
+        "vae",
+        "unet",
+        "label_table",
+        "embed_mean",
+        "embed_std",
+        "latent_scale",
+    }
+    # The check is not vacuous: the same weights against another UNet width are refused.
+    config.generator.unet.block_out_channels = (64, 64, 64)
+    other = generator_lib.build(config.generator, shape, classes)
+    with pytest.raises(generation.ConfigError, match="another architecture"):
+        generation.check_generator_params(other, params, SHIPPED)
 
 
 @pytest.mark.skipif(

@@ -11,6 +11,7 @@ matched to the Flax parameter of the same path whose shape it fits after the usu
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import re
@@ -90,8 +91,6 @@ def read_weights(root: str, component: str) -> dict[str, np.ndarray]:
 
 def fingerprint(root: str, components) -> str:
     """A sha256 over the components' configs and weights: names a model's exact files."""
-    import hashlib
-
     digest = hashlib.sha256()
     for component in components:
         directory = component_dir(root, component)
