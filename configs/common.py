@@ -170,6 +170,28 @@ def sd_image_variations_config(**overrides) -> ml_collections.ConfigDict:
             model="lambdalabs/sd-image-variations-diffusers",
             download=True,  # May fetch `model` into the hub's cache; False: local only.
             resolution=512,  # Generation size; variations are resized back to the data's.
+            # What the UNet computes in: "bfloat16" roughly doubles a GPU's or TPU's
+            # throughput (benchmarks/RESULTS.md); "float32" is the reference.
+            dtype="float32",
+        )
+    )
+    config.update(overrides)
+    return config
+
+
+def sd_img2img_config(**overrides) -> ml_collections.ConfigDict:
+    """SDEdit on a text-to-image SD 1.x model (a baseline): set regenerate.strength below 1."""
+    config = ml_collections.ConfigDict(
+        dict(
+            name="sd_img2img",
+            # A hub id or local directory with unet/, vae/, text_encoder/, tokenizer/, scheduler/.
+            model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+            download=True,
+            resolution=512,
+            # Each image's prompt: its label's class name in the template. A poisoned image's
+            # label is the attacker's target, so its prompt names the target class.
+            prompt="a photo of a {}",
+            dtype="float32",
         )
     )
     config.update(overrides)

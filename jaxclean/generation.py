@@ -27,9 +27,10 @@ from jaxclean.experiment import (
 )
 
 GENERATOR_SPLITS = ("trusted", "poisoned_train")
-# latent_diffusion: trained here on the trusted split (the offline default). sd_image_variations:
-# a pretrained hub model (lambdalabs/sd-image-variations-diffusers or one of its layout).
-GENERATORS = ("latent_diffusion", "sd_image_variations")
+# latent_diffusion: trained here on the trusted split (the offline default). The others are
+# pretrained hub models: sd_image_variations (lambdalabs/sd-image-variations-diffusers or one of
+# its layout, the method) and sd_img2img (SDEdit on a text-to-image SD 1.x model, a baseline).
+GENERATORS = ("latent_diffusion", *sd.HUB_GENERATORS)
 EXPORT_FILE = "model.msgpack"  # The generator's weights in one portable file.
 
 
@@ -37,9 +38,17 @@ def validate_config(config) -> None:
     """Generator and sampler settings that are wrong whatever the data."""
     if config.generator.name not in GENERATORS:
         raise ConfigError(f"unknown generator {config.generator.name!r}; known: {GENERATORS}")
-    if config.generator.name == "sd_image_variations":
+    if config.generator.name in sd.HUB_GENERATORS:
         if config.generator.resolution <= 0:
             raise ConfigError(f"generator.resolution {config.generator.resolution} must be > 0")
+        if config.generator.get("dtype", "float32") not in sd.DTYPES:
+            raise ConfigError(
+                f"generator.dtype {config.generator.dtype!r}: use one of {tuple(sd.DTYPES)}"
+            )
+        if config.generator.name == "sd_img2img" and "{}" not in config.generator.prompt:
+            raise ConfigError(
+                f"generator.prompt {config.generator.prompt!r} needs a {{}} for the class name"
+            )
     elif config.generator.train_split not in GENERATOR_SPLITS:
         raise ConfigError(
             f"generator.train_split {config.generator.train_split!r}: use one of {GENERATOR_SPLITS}"
@@ -117,7 +126,7 @@ def build_generator(exp: Experiment) -> generator_lib.LatentDiffusion:
 
 def generator_stage(exp: Experiment) -> None:
     """Trains the image-variation generator, or adopts a pretrained one of the same provenance."""
-    if exp.config.generator.name == "sd_image_variations":
+    if exp.config.generator.name in sd.HUB_GENERATORS:
         _hub_generator_stage(exp)
         return
     split = generator_split(exp)
@@ -171,8 +180,9 @@ def _export_params(params: dict, path: str) -> str:
 def _hub_root(exp: Experiment) -> str:
     config = exp.config.generator
     try:
-        root = hub.resolve(config.model, sd.SD_IMAGE_VARIATIONS_COMPONENTS, config.download)
-        for component in sd.SD_IMAGE_VARIATIONS_COMPONENTS:
+        components = sd.HUB_GENERATORS[config.name]
+        root = hub.resolve(config.model, components, config.download)
+        for component in components:
             hub.component_dir(root, component)
         return root
     except hub.HubError as e:
@@ -181,9 +191,8 @@ def _hub_root(exp: Experiment) -> str:
 
 def _load_hub_generator(exp: Experiment, root: str):
     try:
-        return sd.load_sd_image_variations(
-            root, exp.splits.train.image_shape, exp.config.generator.resolution
-        )
+        train = exp.splits.train
+        return sd.load(exp.config.generator, root, train.image_shape, train.class_names)
     except hub.HubError as e:
         raise ConfigError(str(e)) from e
 
@@ -194,7 +203,7 @@ def _hub_generator_stage(exp: Experiment) -> None:
     root = _hub_root(exp)
     spec = {
         "generator": exp.config.generator.to_dict(),
-        "weights": hub.fingerprint(root, sd.SD_IMAGE_VARIATIONS_COMPONENTS),
+        "weights": hub.fingerprint(root, sd.HUB_GENERATORS[exp.config.generator.name]),
         "image_shape": list(exp.splits.train.image_shape),
     }
     record = exp.record("generator", spec)
@@ -338,7 +347,7 @@ def _regenerate_record(exp: Experiment):
 
 
 def _placed_sampler(exp: Experiment, mesh):
-    if exp.config.generator.name == "sd_image_variations":
+    if exp.config.generator.name in sd.HUB_GENERATORS:
         model, params = _load_hub_generator(exp, _hub_root(exp))
     else:
         model = build_generator(exp)

@@ -23,8 +23,10 @@ def main():
     parser.add_argument("--process_id", type=int)
     parser.add_argument("--num_processes", type=int)
     parser.add_argument("--coordinator")
-    # A hub-layout directory: regenerate with sd_image_variations instead (tests/tiny_hub.py).
+    # A hub-layout directory: regenerate with a Stable Diffusion generator instead
+    # (tests/tiny_hub.py): sd_image_variations, or sd_img2img (SDEdit at strength 0.5).
     parser.add_argument("--sd_model")
+    parser.add_argument("--sd_generator", default="sd_image_variations")
     args = parser.parse_args()
 
     from jaxclean import distributed
@@ -44,17 +46,23 @@ def main():
 
         from jaxclean.diffusion import stable_diffusion
 
-        model, params = stable_diffusion.load_sd_image_variations(
-            args.sd_model, (28, 28, 1), TINY_RESOLUTION
-        )
+        if args.sd_generator == "sd_img2img":
+            model, params = stable_diffusion.load_sd_img2img(
+                args.sd_model, (28, 28, 1), TINY_RESOLUTION, "0123456789", "digit {}"
+            )
+        else:
+            model, params = stable_diffusion.load_sd_image_variations(
+                args.sd_model, (28, 28, 1), TINY_RESOLUTION
+            )
     else:
         model = generator.build(smoke.get_config().generator, (28, 28, 1), 10)
         params = trainer.random_params(model, jax.random.key(0))
+    strength = 0.5 if args.sd_generator == "sd_img2img" else 1.0
     images, labels = synthetic_images(args.num_images, seed=3)
     dataset = ImageDataset(images[..., None], labels.astype(np.int32), tuple("0123456789"))
     mesh = sharding.local_mesh()
     params = jax.device_put(params, sharding.replicated(mesh))
-    settings = sampler.SamplerSettings(steps=4, eta=0.5, guidance=2.0)
+    settings = sampler.SamplerSettings(steps=4, eta=0.5, guidance=2.0, strength=strength)
     sample = sampler.make_sampler(model, settings, mesh)
     stats = regenerate.regenerate(
         dataset,

@@ -61,6 +61,14 @@ CLIP_PROCESSOR = dict(
     image_std=[0.26862954, 0.26130258, 0.27577711],
 )
 TINY_RESOLUTION = 16  # Generation size: the VAE halves it once, to the UNet's 8x8.
+TINY_TEXT = dict(
+    hidden_size=32,
+    intermediate_size=37,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=16,
+)
+TINY_MAX_LENGTH = 16  # The tokenizer pads every prompt to this many tokens.
 
 
 def _write_json(path, value):
@@ -74,27 +82,88 @@ def _write_component(root, name, config, params, naming, weights_file):
     save_file(hub.flax_to_pytorch(params, naming), os.path.join(root, name, weights_file))
 
 
-def write_tiny_sd_image_variations(root: str, seed: int = 0) -> str:
-    keys = jax.random.split(jax.random.key(seed), 3)
-    unet = adapter.unet_from_config(TINY_UNET)
+def _write_unet_vae_scheduler(root, key, cross_attention_dim):
+    keys = jax.random.split(key)
+    unet_config = dict(TINY_UNET, cross_attention_dim=cross_attention_dim)
+    unet = adapter.unet_from_config(unet_config)
     vae = adapter.vae_from_config(TINY_VAE)
-    clip = adapter.make_clip_image_encoder(TINY_CLIP)
-    unet_params = adapter.init_unet(unet, keys[0], (8, 8, 4), 1)
-    vae_params = adapter.init_vae(vae, keys[1], (16, 16, 3))
-    clip_params = adapter.init_clip_image_encoder(clip, keys[2])
     model_file = "diffusion_pytorch_model.safetensors"
-    _write_component(root, "unet", TINY_UNET, unet_params, "diffusers", model_file)
+    unet_params = adapter.init_unet(unet, keys[0], (8, 8, 4), 1)
+    _write_component(root, "unet", unet_config, unet_params, "diffusers", model_file)
+    vae_params = adapter.init_vae(vae, keys[1], (16, 16, 3))
     _write_component(root, "vae", TINY_VAE, vae_params, "diffusers", model_file)
-    clip_config = dict(TINY_CLIP, model_type="clip_vision_model")
-    _write_component(
-        root, "image_encoder", clip_config, clip_params, "transformers", "model.safetensors"
-    )
     os.makedirs(os.path.join(root, "scheduler"), exist_ok=True)
     _write_json(os.path.join(root, "scheduler", "scheduler_config.json"), SCHEDULER)
+
+
+def write_tiny_sd_image_variations(root: str, seed: int = 0, clip_size: int = 30) -> str:
+    """clip_size: the image encoder's input side (patches of half that)."""
+    keys = jax.random.split(jax.random.key(seed))
+    _write_unet_vae_scheduler(root, keys[0], TINY_CLIP["projection_dim"])
+    clip_config = dict(TINY_CLIP, image_size=clip_size, patch_size=clip_size // 2)
+    clip = adapter.make_clip_image_encoder(clip_config)
+    clip_params = adapter.init_clip_image_encoder(clip, keys[1])
+    _write_component(
+        root,
+        "image_encoder",
+        dict(clip_config, model_type="clip_vision_model"),
+        clip_params,
+        "transformers",
+        "model.safetensors",
+    )
     os.makedirs(os.path.join(root, "feature_extractor"), exist_ok=True)
-    _write_json(os.path.join(root, "feature_extractor", "preprocessor_config.json"), CLIP_PROCESSOR)
+    _write_json(
+        os.path.join(root, "feature_extractor", "preprocessor_config.json"),
+        dict(CLIP_PROCESSOR, crop_size=clip_size, size=clip_size),
+    )
     _write_json(
         os.path.join(root, "model_index.json"),
         {"_class_name": "StableDiffusionImageVariationPipeline"},
+    )
+    return root
+
+
+def _write_tiny_tokenizer(directory: str) -> dict:
+    """A CLIP BPE tokenizer with no merges: every character is a token, the last of a word
+    with CLIP's end-of-word mark. Returns the special tokens' ids."""
+    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+    characters = list(bytes_to_unicode().values())
+    tokens = characters + [c + "</w>" for c in characters] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    os.makedirs(directory, exist_ok=True)
+    _write_json(os.path.join(directory, "vocab.json"), vocab)
+    with open(os.path.join(directory, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    _write_json(
+        os.path.join(directory, "tokenizer_config.json"),
+        {"model_max_length": TINY_MAX_LENGTH, "tokenizer_class": "CLIPTokenizer"},
+    )
+    return dict(
+        vocab_size=len(vocab),
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+    )
+
+
+def write_tiny_sd_img2img(root: str, seed: int = 0) -> str:
+    """A tiny text-to-image SD 1.x (CLIP text encoder and tokenizer, UNet, VAE, scheduler)."""
+    keys = jax.random.split(jax.random.key(seed))
+    _write_unet_vae_scheduler(root, keys[0], TINY_TEXT["hidden_size"])
+    special = _write_tiny_tokenizer(os.path.join(root, "tokenizer"))
+    text_config = dict(TINY_TEXT, **special)
+    text_encoder = adapter.make_clip_text_encoder(text_config)
+    text_params = adapter.init_clip_text_encoder(text_encoder, keys[1])
+    _write_component(
+        root,
+        "text_encoder",
+        dict(text_config, model_type="clip_text_model"),
+        text_params,
+        "transformers",
+        "model.safetensors",
+    )
+    _write_json(
+        os.path.join(root, "model_index.json"), {"_class_name": "StableDiffusionImg2ImgPipeline"}
     )
     return root

@@ -93,6 +93,21 @@ def _normal(keys, shape):
     return jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
 
 
+def sample_keys(rng, indices):
+    """Each image's key, folded from its global index: independent of batching."""
+    return jax.vmap(lambda i: jax.random.fold_in(rng, i))(indices)
+
+
+def initial_noise(rng, indices, latent_shape):
+    """The starting latents' noise of images `indices` (what a reference pipeline is given)."""
+    return _step_noise(sample_keys(rng, indices), 0, latent_shape)
+
+
+def _step_noise(keys, step, latent_shape):
+    """Noise number `step` of each image (0: the start; i + 1: DDIM step i, when eta > 0)."""
+    return _normal(jax.vmap(lambda k: jax.random.fold_in(k, step))(keys), latent_shape)
+
+
 def make_variation_fn(model, settings: SamplerSettings):
     """The per-device function (params, uint8 images, indices, labels, key) -> uint8 images.
 
@@ -107,15 +122,13 @@ def make_variation_fn(model, settings: SamplerSettings):
     guided = settings.guidance != 1.0
 
     def variations(params, images, indices, labels, rng):
-        keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(indices)
+        keys = sample_keys(rng, indices)
         source = normalize(images)
         alphas_j = jnp.asarray(alphas)
         context, null = model.conditions(params, images, labels)
         if guided:
             context = jnp.concatenate([null, context])
-        start_noise = _normal(
-            jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys), model.latent_shape
-        )
+        start_noise = _step_noise(keys, 0, model.latent_shape)
         if settings.strength < 1.0:
             alpha0 = alphas_j[timesteps[0]]
             latents = (
@@ -137,7 +150,7 @@ def make_variation_fn(model, settings: SamplerSettings):
                 prev >= 0, alphas_j[jnp.maximum(prev, 0)], model.final_alpha_cumprod
             )
             step_noise = (
-                _normal(jax.vmap(lambda k: jax.random.fold_in(k, i + 1))(keys), model.latent_shape)
+                _step_noise(keys, i + 1, model.latent_shape)
                 if settings.eta > 0
                 else jnp.zeros_like(latents)
             )
