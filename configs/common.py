@@ -54,14 +54,17 @@ def classifier_recipe(**overrides) -> ml_collections.ConfigDict:
     return recipe
 
 
-def fashion_mnist_data(**overrides) -> ml_collections.ConfigDict:
+def data_config(**overrides) -> ml_collections.ConfigDict:
+    """Where the images come from and how train is split; every field is overridable."""
     config = ml_collections.ConfigDict(
         dict(
             # "idx", "imagefolder", or "tfds:NAME" (e.g. tfds:fashion_mnist).
             source="idx",
-            # IDX directory, ImageFolder root, or tfds data_dir.
-            dir=FASHION_MNIST_DIR,
-            class_names=FASHION_MNIST_CLASSES,
+            # IDX directory, ImageFolder root, or tfds data_dir ("": tfds's default).
+            dir="",
+            # Readable class names (IDX has none; tfds ImageNette's are WordNet ids); ():
+            # the source's own. Text-prompted generators put them in their prompts.
+            class_names=(),
             # Held out of train, class-balanced, never poisoned: trains the generator.
             trusted_size=10_000,
             image_size=0,  # 0: keep the source's size.
@@ -75,6 +78,12 @@ def fashion_mnist_data(**overrides) -> ml_collections.ConfigDict:
     )
     config.update(overrides)
     return config
+
+
+def fashion_mnist_data(**overrides) -> ml_collections.ConfigDict:
+    return data_config(
+        **dict(dict(dir=FASHION_MNIST_DIR, class_names=FASHION_MNIST_CLASSES), **overrides)
+    )
 
 
 def badnets_attack(**trigger) -> ml_collections.ConfigDict:

@@ -359,7 +359,21 @@ def load_source(data_config) -> dict:
         )
     else:
         raise DataError(f"unknown data source {source!r}: use 'idx', 'imagefolder' or 'tfds:NAME'")
+    names = data_config.get("class_names")
+    if names and source != "idx":  # IDX files carry no names: load_idx_dir took them above.
+        splits = {k: _renamed(v, tuple(names)) for k, v in splits.items()}
     return splits
+
+
+def _renamed(split: ImageDataset, names: tuple) -> ImageDataset:
+    """The same data with readable class names (tfds ImageNette's are WordNet ids), which
+    text-prompted generators put in their prompts."""
+    if len(names) != split.num_classes:
+        raise DataError(
+            f"data.class_names has {len(names)} names but the data has {split.num_classes} "
+            f"classes ({split.class_names[:3]}...)"
+        )
+    return ImageDataset(split.images, split.labels, names)
 
 
 def balanced_holdout(labels: np.ndarray, size: int, num_classes: int, seed: int) -> np.ndarray:

@@ -89,6 +89,9 @@ def _split_spec(exp: Experiment) -> dict:
 
 def encoder_stage(exp: Experiment) -> None:
     """The generator's semantic encoder: a classifier trained on the generator's split."""
+    if exp.config.generator.name in sd.HUB_GENERATORS:
+        log(f"encoder: skipped; {exp.config.generator.name} brings its own (CLIP)")
+        return
     if exp.config.generator.get("pretrained", ""):
         log("encoder: skipped; the pretrained generator brings its own")
         return

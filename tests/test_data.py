@@ -82,6 +82,20 @@ def test_image_folder_loads_sorted_classes(tmp_path):
     assert splits["train"].labels.tolist() == [0, 0, 1, 1, 1]
 
 
+def test_config_class_names_rename_a_named_source_and_must_match_its_classes(tmp_path):
+    for split in ("train", "test"):
+        write_folder(tmp_path, split, {"n01": [(8, 8, "RGB")] * 2, "n02": [(8, 8, "RGB")]})
+    config = ml_collections.ConfigDict(
+        dict(source="imagefolder", dir=str(tmp_path), class_names=("tench", "church"))
+    )
+    splits = data.load_source(config)
+    assert splits["train"].class_names == splits["test"].class_names == ("tench", "church")
+    assert splits["train"].labels.tolist() == [0, 0, 1]
+    config.class_names = ("tench",)
+    with pytest.raises(data.DataError, match="1 names but the data has 2 classes"):
+        data.load_source(config)
+
+
 def test_image_folder_mixed_sizes_refused(tmp_path):
     write_folder(tmp_path, "train", {"a": [(8, 8, "RGB"), (9, 8, "RGB")]})
     with pytest.raises(data.DataError, match="mixed sizes"):

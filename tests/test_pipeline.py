@@ -259,6 +259,21 @@ def test_configs_load_and_validate():
     ):
         config = importlib.import_module(f"configs.{name}").get_config()
         pipeline.validate_config(config)
+    for name in ("imagenette_sd_variations", "cifar10_sd_img2img"):
+        module = importlib.import_module(f"configs.{name}")
+        for attack in ("badnets", "blended"):
+            config = module.get_config(attack)
+            pipeline.validate_config(config)
+            assert config.attack.name == attack
+        with pytest.raises(ValueError, match="unknown attack 'wanet'"):
+            module.get_config("wanet")
+    paper = importlib.import_module("configs.imagenette_sd_variations").get_config("badnets")
+    assert (paper.regenerate.steps, paper.regenerate.guidance, paper.generator.resolution) == (
+        50,
+        7.5,
+        512,
+    )
+    assert paper.attack.trigger.size == 9 and paper.teacher.model == "resnet101"
     assert os.path.exists(os.path.join(REPO, "launch.py"))
 
 
