@@ -82,25 +82,37 @@ def _write_component(root, name, config, params, naming, weights_file):
     save_file(hub.flax_to_pytorch(params, naming), os.path.join(root, name, weights_file))
 
 
-def _write_unet_vae_scheduler(root, key, cross_attention_dim):
+def _write_unet_vae_scheduler(
+    root, key, cross_attention_dim, unet_config=TINY_UNET, vae_config=TINY_VAE, resolution=16
+):
     keys = jax.random.split(key)
-    unet_config = dict(TINY_UNET, cross_attention_dim=cross_attention_dim)
+    unet_config = dict(unet_config, cross_attention_dim=cross_attention_dim)
     unet = adapter.unet_from_config(unet_config)
-    vae = adapter.vae_from_config(TINY_VAE)
+    vae = adapter.vae_from_config(vae_config)
     model_file = "diffusion_pytorch_model.safetensors"
-    unet_params = adapter.init_unet(unet, keys[0], (8, 8, 4), 1)
+    latent = resolution // 2 ** (len(vae_config["block_out_channels"]) - 1)
+    unet_params = adapter.init_unet(unet, keys[0], (latent, latent, 4), 1)
     _write_component(root, "unet", unet_config, unet_params, "diffusers", model_file)
-    vae_params = adapter.init_vae(vae, keys[1], (16, 16, 3))
-    _write_component(root, "vae", TINY_VAE, vae_params, "diffusers", model_file)
+    del unet_params  # An SD-size UNet is GBs: gone before the next component is made.
+    vae_params = adapter.init_vae(vae, keys[1], (resolution, resolution, 3))
+    _write_component(root, "vae", vae_config, vae_params, "diffusers", model_file)
     os.makedirs(os.path.join(root, "scheduler"), exist_ok=True)
     _write_json(os.path.join(root, "scheduler", "scheduler_config.json"), SCHEDULER)
 
 
 def write_tiny_sd_image_variations(root: str, seed: int = 0, clip_size: int = 30) -> str:
     """clip_size: the image encoder's input side (patches of half that)."""
-    keys = jax.random.split(jax.random.key(seed))
-    _write_unet_vae_scheduler(root, keys[0], TINY_CLIP["projection_dim"])
     clip_config = dict(TINY_CLIP, image_size=clip_size, patch_size=clip_size // 2)
+    return write_sd_image_variations(root, TINY_UNET, TINY_VAE, clip_config, TINY_RESOLUTION, seed)
+
+
+def write_sd_image_variations(root, unet_config, vae_config, clip_config, resolution, seed=0):
+    """Random weights of any size in lambdalabs/sd-image-variations-diffusers' layout."""
+    keys = jax.random.split(jax.random.key(seed))
+    _write_unet_vae_scheduler(
+        root, keys[0], clip_config["projection_dim"], unet_config, vae_config, resolution
+    )
+    clip_size = clip_config["image_size"]
     clip = adapter.make_clip_image_encoder(clip_config)
     clip_params = adapter.init_clip_image_encoder(clip, keys[1])
     _write_component(
