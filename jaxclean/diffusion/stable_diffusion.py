@@ -62,8 +62,20 @@ def training_alphas(scheduler_config: dict) -> np.ndarray:
     return np.cumprod(1.0 - betas).astype(np.float32)
 
 
-class _LatentSD:
-    """The VAE, UNet and DDIM schedule both generators share (fields declared by each)."""
+@dataclasses.dataclass(frozen=True)
+class LatentSD:
+    """What both SD generators share: modules and static settings of the VAE, UNet and DDIM
+    schedule. Parameters are a separate pytree (see the loaders)."""
+
+    unet: object
+    vae: object
+    image_shape: tuple  # The data's; variations are resized back to it.
+    resolution: int  # The generation size.
+    latent_shape: tuple
+    vae_scale: float
+    alphas_cumprod: tuple
+    final_alpha_cumprod: float
+    steps_offset: int
 
     def encode_source(self, params: dict, source: jax.Array) -> jax.Array:
         mean, _ = adapter.encode(self.vae, params["vae"], resize(to_rgb(source), self.resolution))
@@ -80,19 +92,10 @@ class _LatentSD:
 
 
 @dataclasses.dataclass(frozen=True)
-class SDImageVariations(_LatentSD):
-    """Modules and static settings; the parameters are a separate pytree (see load)."""
+class SDImageVariations(LatentSD):
+    """Conditioned on the source's CLIP image embedding; generates from pure noise."""
 
-    unet: object
-    vae: object
     image_encoder: adapter.CLIPImageEncoder
-    image_shape: tuple
-    resolution: int
-    latent_shape: tuple
-    vae_scale: float
-    alphas_cumprod: tuple
-    final_alpha_cumprod: float
-    steps_offset: int
     clip_mean: tuple
     clip_std: tuple
 
@@ -110,19 +113,10 @@ class SDImageVariations(_LatentSD):
 
 
 @dataclasses.dataclass(frozen=True)
-class SDImg2Img(_LatentSD):
+class SDImg2Img(LatentSD):
     """SD 1.x text-to-image parts; prompts are tokenized once, at load, one per class."""
 
-    unet: object
-    vae: object
     text_encoder: adapter.CLIPTextEncoder
-    image_shape: tuple
-    resolution: int
-    latent_shape: tuple
-    vae_scale: float
-    alphas_cumprod: tuple
-    final_alpha_cumprod: float
-    steps_offset: int
     class_tokens: tuple  # [num_classes][max_length] token ids of each class's prompt.
     null_tokens: tuple  # The empty prompt's, for the unconditional branch.
 
