@@ -144,7 +144,10 @@ def train_classifier(
     record = exp.record(name, spec)
     if record.is_done():
         log(f"{name}: done already ({record.path('model')})")
-        return record.done_record()["metrics"]
+        metrics = record.done_record()["metrics"]
+        if exp.is_writer:  # The report may be newer than the stage (or deleted): keep it whole.
+            report.update_results(exp.workdir, **{report_section: {name: metrics}})
+        return metrics
     record.claim()
     mesh = exp.mesh
     model = make_classifier(recipe.model, dataset.num_classes, width=recipe.width)

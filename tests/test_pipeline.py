@@ -90,6 +90,23 @@ def test_rerun_skips_finished_stages(full_run, idx_dir):
 
 
 @pytest.mark.slow
+def test_rerun_restores_finished_models_in_a_lost_report(full_run, idx_dir, tmp_path):
+    copy = str(tmp_path / "copy")
+    shutil.copytree(full_run[0], copy)
+    before = json.load(open(os.path.join(copy, "report", "results.json")))["models"]
+    os.remove(os.path.join(copy, "report", "results.json"))
+    again = run_launch(smoke_args(copy, idx_dir, "--stages=teacher,student,report"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    after = json.load(open(os.path.join(copy, "report", "results.json")))["models"]
+    for name in ("teacher", "student"):
+        assert after[name]["clean_accuracy"] == before[name]["clean_accuracy"], name
+    assert (
+        after["student"]["defense_effectiveness_rate"]
+        == (before["student"]["defense_effectiveness_rate"])
+    )
+
+
+@pytest.mark.slow
 def test_student_killed_and_rerun_matches_uninterrupted(full_run, idx_dir, tmp_path):
     workdir, _ = full_run
     copy = str(tmp_path / "copy")
