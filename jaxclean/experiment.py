@@ -145,7 +145,8 @@ def train_classifier(
     if record.is_done():
         log(f"{name}: done already ({record.path('model')})")
         metrics = record.done_record()["metrics"]
-        if exp.is_writer:  # The report may be newer than the stage (or deleted): keep it whole.
+        reported = report.read_results(exp.workdir).get(report_section, {})
+        if exp.is_writer and name not in reported:  # A lost or newer report: keep it whole.
             report.update_results(exp.workdir, **{report_section: {name: metrics}})
         return metrics
     record.claim()
