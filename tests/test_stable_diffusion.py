@@ -48,9 +48,13 @@ def test_loads_every_component_with_the_scheduler_of_the_model(tiny_model):
 
 
 @pytest.mark.slow
-def test_regenerate_stage_runs_on_a_hub_layout_model(idx_dir, tiny_model, tmp_path):
+@pytest.mark.parametrize("generator", ["sd_image_variations", "sd_img2img"])
+def test_regenerate_stage_runs_on_a_hub_layout_model(
+    generator, idx_dir, tiny_model, tiny_img2img, tmp_path
+):
+    model_dir = tiny_img2img if generator == "sd_img2img" else tiny_model
     workdir = str(tmp_path / "run")
-    pipeline.run(_config(idx_dir, tiny_model), workdir, "poison,generator,regenerate")
+    pipeline.run(_config(idx_dir, model_dir, generator), workdir, "poison,generator,regenerate")
     shards = os.path.join(workdir, "regenerated", "variations", "shards")
     first = np.load(os.path.join(shards, sorted(os.listdir(shards))[0]))
     assert first["images"].dtype == np.uint8 and first["images"].shape[1:] == (28, 28, 1)
@@ -77,18 +81,6 @@ def test_img2img_prompts_come_from_the_class_names(tiny_img2img):
     np.testing.assert_array_equal(null[0], null[1])  # The empty prompt, whatever the label.
     with pytest.raises(sd.hub.HubError, match="no {} for the class name"):
         sd.load_sd_img2img(tiny_img2img, (28, 28, 1), TINY_RESOLUTION, names, "a photo")
-
-
-@pytest.mark.slow
-def test_img2img_regenerate_stage_keeps_the_source_layout(idx_dir, tiny_img2img, tmp_path):
-    workdir = str(tmp_path / "run")
-    pipeline.run(
-        _config(idx_dir, tiny_img2img, "sd_img2img"), workdir, "poison,generator,regenerate"
-    )
-    shards = os.path.join(workdir, "regenerated", "variations", "shards")
-    first = np.load(os.path.join(shards, sorted(os.listdir(shards))[0]))
-    assert first["images"].dtype == np.uint8 and first["images"].shape[1:] == (28, 28, 1)
-    assert os.path.exists(os.path.join(workdir, "generator", "samples.png"))
 
 
 def test_img2img_without_tokenizer_or_placeholder_is_named(idx_dir, tiny_img2img, tmp_path):
