@@ -112,6 +112,8 @@ def validate_recipe(recipe, name: str) -> None:
             raise ConfigError(f"{name}.{key} must be positive, got {recipe[key]}")
     if recipe.select not in ("last", "best"):
         raise ConfigError(f"{name}.select must be 'last' or 'best', got {recipe.select!r}")
+    if not 0.0 <= recipe.get("corruption", 0.0) <= 1.0:
+        raise ConfigError(f"{name}.corruption {recipe.corruption} must be a probability in [0, 1]")
 
 
 def train_classifier(
@@ -157,7 +159,12 @@ def train_classifier(
     state = train.create_train_state(
         model, tx, dataset.image_shape, jax.random.key(exp.config.seed), mesh
     )
-    augment = train.Augment(crop_padding=recipe.crop_padding, flip=recipe.flip)
+    augment = train.Augment(
+        crop_padding=recipe.crop_padding,
+        flip=recipe.flip,
+        # Absent from recipes written before it existed (their specs stay as they were).
+        corruption=recipe.get("corruption", 0.0),
+    )
     if make_step is None:
         step_fn = functools.partial(train.train_step, augment=augment)
     else:

@@ -24,6 +24,7 @@ from jaxclean.experiment import (
     log,
     require_poison_plan,
     train_classifier,
+    validate_recipe,
 )
 
 GENERATOR_SPLITS = ("trusted", "poisoned_train")
@@ -58,6 +59,8 @@ def validate_config(config) -> None:
             f"generator.condition {config.generator.condition!r}: use one of "
             f"{generator_lib.CONDITIONS}"
         )
+    else:
+        validate_recipe(config.generator.encoder, "generator.encoder")
     try:
         sampler_lib.SamplerSettings(
             steps=config.regenerate.steps,

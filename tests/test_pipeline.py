@@ -217,6 +217,11 @@ def test_poison_plan_that_would_differ_is_refused(idx_dir, tmp_path):
         (lambda c: setattr(c.student, "alpha", 1.5), pipeline.ConfigError, r"alpha 1.5"),
         (lambda c: setattr(c.student, "alpha", -0.1), pipeline.ConfigError, "alpha"),
         (lambda c: setattr(c.student, "temperature", 0.0), pipeline.ConfigError, "temperature"),
+        (
+            lambda c: setattr(c.generator.encoder, "corruption", 1.5),
+            pipeline.ConfigError,
+            r"generator.encoder.corruption 1.5",
+        ),
     ],
 )
 def test_bad_input_fails_before_any_work(idx_dir, tmp_path, mutate, error, message):

@@ -115,6 +115,22 @@ def test_augmentation_is_per_sample_and_batch_independent():
     assert set(np.unique(both)).issubset(set(np.unique(images)) | {-1.0})
 
 
+def test_corruption_changes_only_the_chosen_images_and_leaves_crops_alone():
+    images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (64, 8, 8, 1)), jnp.float32)
+    keys = train.sample_keys(jax.random.key(0), jnp.arange(64))
+    plain = train.augment_images(images, keys, train.Augment(crop_padding=2))
+    half = train.augment_images(images, keys, train.Augment(crop_padding=2, corruption=0.5))
+    changed = np.any(np.asarray(plain != half), axis=(1, 2, 3))
+    # About half are corrupted; the rest keep exactly the crop they had without corruption.
+    assert 16 <= changed.sum() <= 48, changed.sum()
+    assert np.all(np.abs(np.asarray(half)) <= 1.0)
+    always = train.augment_images(images, keys, train.Augment(corruption=1.0))
+    assert np.all(np.any(np.asarray(always != images), axis=(1, 2, 3)))
+    # A corruption lowers the contrast (towards a flat level) more than its noise adds back.
+    spread = lambda x: np.asarray(x).std(axis=(1, 2, 3))  # noqa: E731
+    assert np.mean(spread(always)) < np.mean(spread(images))
+
+
 def test_epoch_order_depends_only_on_seed_and_epoch():
     a = train.epoch_order(100, seed=0, epoch=3)
     np.testing.assert_array_equal(a, train.epoch_order(100, seed=0, epoch=3))
