@@ -147,8 +147,9 @@ def train_classifier(
     if record.is_done():
         log(f"{name}: done already ({record.path('model')})")
         metrics = record.done_record()["metrics"]
-        reported = report.read_results(exp.workdir).get(report_section, {})
-        if exp.is_writer and name not in reported:  # A lost or newer report: keep it whole.
+        # Only the writer reads the report; a lost entry is restored, a present one (maybe
+        # newer, with DER) is kept whole.
+        if exp.is_writer and name not in report.read_results(exp.workdir).get(report_section, {}):
             report.update_results(exp.workdir, **{report_section: {name: metrics}})
         return metrics
     record.claim()
