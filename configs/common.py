@@ -222,6 +222,10 @@ def regenerate_config(**overrides) -> ml_collections.ConfigDict:
             shard_size=2048,  # Images per output file; a rerun skips finished shards.
             per_device_batch=128,
             seed=0,
+            # "" or WORKDIR/regenerated/NAME of a finished run with the same generator, sampler
+            # settings, images and shard size (another attack, say): variations of images that
+            # are the same in both are copied from it, the others are sampled.
+            reuse_from="",
         )
     )
     config.update(overrides)

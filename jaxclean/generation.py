@@ -352,6 +352,36 @@ def _regenerate_record(exp: Experiment):
     return exp.record(os.path.join("regenerated", exp.config.regenerate.name), spec)
 
 
+# What two regenerations may differ in and still produce the same variation of the same image.
+_REUSE_FREE_KEYS = ("name", "reuse_from")
+
+
+def _reuse_source(exp: Experiment, record) -> str:
+    """regenerate.reuse_from, checked: finished variations of the same generator and sampler."""
+    source = exp.config.regenerate.get("reuse_from", "")
+    if not source:
+        return ""
+    done, spec = os.path.join(source, "done.json"), os.path.join(source, "spec.json")
+    if not (os.path.exists(done) and os.path.exists(spec)):
+        raise ConfigError(
+            f"regenerate.reuse_from {source!r} holds no finished variations (no done.json and "
+            "spec.json): point it at WORKDIR/regenerated/NAME of a finished run"
+        )
+    theirs = read_json(spec)
+
+    def comparable(spec):
+        settings = {k: v for k, v in spec["regenerate"].items() if k not in _REUSE_FREE_KEYS}
+        return {"generator": spec["generator"], "regenerate": settings}
+
+    changes = differences(comparable(theirs), comparable(record.spec))
+    if changes:
+        raise ConfigError(
+            f"regenerate.reuse_from {source!r} was made with another generator or sampler "
+            f"settings ({'; '.join(changes[:8])}); its variations are not this run's"
+        )
+    return source
+
+
 def _placed_sampler(exp: Experiment, mesh):
     if exp.config.generator.name in sd.HUB_GENERATORS:
         model, params = _load_hub_generator(exp, _hub_root(exp))
@@ -370,6 +400,7 @@ def regenerate_stage(exp: Experiment) -> None:
     if record.is_done():
         log(f"regenerate: done already ({record.directory})")
         return
+    reuse_from = _reuse_source(exp, record)
     record.claim()
     config = exp.config.regenerate
     mesh = sharding.local_mesh()
@@ -387,6 +418,7 @@ def regenerate_stage(exp: Experiment) -> None:
         per_device_batch=config.per_device_batch,
         seed=config.seed,
         mesh=mesh,
+        reuse_from=reuse_from,
     )
     if exp.is_writer:
         variations = load_variations(exp)

@@ -6,10 +6,17 @@ between processes, and since each image's randomness folds from its index, the u
 shards is the same dataset whatever the process count. Each shard is written atomically; one
 that fails to load (a crash mid-write on a filesystem without atomic rename, a truncated copy)
 is detected and redone.
+
+Each shard also records a digest of every source image and label. A run on the same images with
+another attack (the clean majority of the images is the same) may reuse the variations of
+another run made with the same generator and sampler settings: a row whose source digest
+matches is copied, the rest are sampled. Since an image's variation depends only on its
+source, label, index and the seed, a copied row is the row this run would have sampled.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
@@ -41,13 +48,35 @@ def shard_indices(shard: int, shard_size: int, num_images: int) -> np.ndarray:
     return np.arange(shard * shard_size, min((shard + 1) * shard_size, num_images))
 
 
+def source_digests(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """A 64-bit digest of each (image, label) row: what a variation is generated from."""
+    return np.array(
+        [
+            int.from_bytes(
+                hashlib.blake2b(
+                    np.ascontiguousarray(image).tobytes() + int(label).to_bytes(8, "little"),
+                    digest_size=8,
+                ).digest(),
+                "little",
+            )
+            for image, label in zip(images, labels)
+        ],
+        dtype=np.uint64,
+    )
+
+
 def read_shard(path: str, expected: np.ndarray, image_shape) -> dict | None:
-    """The shard's arrays, or None when it is absent, unreadable or not the expected rows."""
+    """The shard's arrays, or None when it is absent, unreadable or not the expected rows.
+
+    `source_digests` is there only in shards written since digests were recorded.
+    """
     if not os.path.exists(path):
         return None
     try:
         with np.load(path) as f:
             arrays = {k: f[k] for k in ("images", "labels", "indices")}
+            if "source_digests" in f.files:
+                arrays["source_digests"] = f["source_digests"]
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
         return None
     if not np.array_equal(arrays["indices"], expected):
@@ -59,9 +88,11 @@ def read_shard(path: str, expected: np.ndarray, image_shape) -> dict | None:
     return arrays
 
 
-def write_shard(path: str, images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> None:
+def write_shard(
+    path: str, images: np.ndarray, labels: np.ndarray, indices: np.ndarray, digests: np.ndarray
+) -> None:
     buffer = io.BytesIO()
-    np.savez(buffer, images=images, labels=labels, indices=indices)
+    np.savez(buffer, images=images, labels=labels, indices=indices, source_digests=digests)
     atomic_write_bytes(path, buffer.getvalue())
 
 
@@ -105,6 +136,7 @@ def regenerate(
     per_device_batch: int,
     seed: int,
     mesh,
+    reuse_from: str = "",
     description: str = "regenerate",
 ) -> dict:
     """Writes a variation of every image of `dataset` under directory/shards/.
@@ -118,16 +150,20 @@ def regenerate(
       per_device_batch: rows each device samples per call.
       seed: the key every image's randomness folds from.
       mesh: this process's devices.
+      reuse_from: "" or the directory of variations made by the same generator and sampler
+        settings (the caller checks that) with the same shard size: rows whose source digest
+        matches are copied from it instead of sampled.
 
     Returns:
-      {"images_per_second", "shards_written", "shards_skipped"} for this process.
+      {"images_per_second", "shards_written", "shards_skipped", "images_reused"} for this
+      process.
     """
     total = len(dataset)
     shards = range(num_shards(total, shard_size))
     mine = [s for s in shards if s % jax.process_count() == jax.process_index()]
     batch = per_device_batch * mesh.size
     key = jax.random.key(seed)
-    written = skipped = generated = 0
+    written = skipped = generated = reused = 0
     started = time.perf_counter()
     bar = progress(
         total=sum(len(shard_indices(s, shard_size, total)) for s in mine),
@@ -145,19 +181,25 @@ def regenerate(
             print(
                 f"{description}: shard {shard} is unreadable or incomplete; redoing it", flush=True
             )
-        images = sample_rows(
-            sampler,
-            params,
-            dataset.images[indices],
-            indices,
-            dataset.labels[indices],
-            key,
-            batch,
-            mesh,
-            on_batch=bar.update,
-        )
-        generated += len(indices)
-        write_shard(path, images, dataset.labels[indices], indices)
+        digests = source_digests(dataset.images[indices], dataset.labels[indices])
+        images, copied = _reusable_rows(reuse_from, shard, indices, digests, dataset.image_shape)
+        bar.update(int(copied.sum()))
+        todo = indices[~copied]
+        if len(todo):
+            images[~copied] = sample_rows(
+                sampler,
+                params,
+                dataset.images[todo],
+                todo,
+                dataset.labels[todo],
+                key,
+                batch,
+                mesh,
+                on_batch=bar.update,
+            )
+        generated += len(todo)
+        reused += int(copied.sum())
+        write_shard(path, images, dataset.labels[indices], indices, digests)
         written += 1
         faults.kill_point(description, shard)
     bar.close()
@@ -167,7 +209,25 @@ def regenerate(
         "images_per_second": generated / seconds if generated else float("nan"),
         "shards_written": written,
         "shards_skipped": skipped,
+        "images_reused": reused,
     }
+
+
+def _reusable_rows(reuse_from: str, shard: int, indices, digests, image_shape):
+    """(a shard-sized uint8 buffer holding the reusable rows, the mask of those rows)."""
+    images = np.zeros((len(indices), *image_shape), np.uint8)
+    copied = np.zeros(len(indices), bool)
+    if not reuse_from:
+        return images, copied
+    other = read_shard(shard_path(reuse_from, shard), indices, image_shape)
+    if other is None or "source_digests" not in other:
+        raise VariationsError(
+            f"cannot reuse shard {shard} of {reuse_from}: it is missing, unreadable, holds "
+            "other rows (another shard size or image count) or predates source digests"
+        )
+    copied = other["source_digests"] == digests
+    images[copied] = other["images"][copied]
+    return images, copied
 
 
 def load_variations(

@@ -134,3 +134,19 @@ def test_truncated_shard_is_detected_and_redone(reference, tmp_path):
     assert "shard 2 is unreadable" in stdout + stderr
     assert "'shards_written': 1" in stdout
     np.testing.assert_array_equal(read_all(tmp_path), reference[1])
+
+
+def test_reuse_needs_a_shard_with_source_digests(tmp_path):
+    images = np.arange(4 * 28 * 28, dtype=np.uint8).reshape(4, 28, 28, 1)
+    labels, indices = np.array([0, 1, 2, 3]), np.arange(4)
+    digests = regenerate.source_digests(images, labels)
+    path = regenerate.shard_path(str(tmp_path), 0)
+    regenerate.write_shard(path, images, labels, indices, digests)
+    other_label = regenerate.source_digests(images, np.array([0, 1, 2, 4]))
+    reused, copied = regenerate._reusable_rows(str(tmp_path), 0, indices, other_label, (28, 28, 1))
+    np.testing.assert_array_equal(copied, [True, True, True, False])  # The label counts too.
+    np.testing.assert_array_equal(reused[:3], images[:3])
+    # A shard written before digests were recorded cannot say which rows match.
+    np.savez(path, images=images, labels=labels, indices=indices)
+    with pytest.raises(regenerate.VariationsError, match="predates source digests"):
+        regenerate._reusable_rows(str(tmp_path), 0, indices, digests, (28, 28, 1))
