@@ -61,6 +61,9 @@ def validate_config(config) -> None:
         )
     else:
         validate_recipe(config.generator.encoder, "generator.encoder")
+        cond_corruption = config.generator.get("cond_corruption", 0.0)
+        if not 0.0 <= cond_corruption <= 1.0:
+            raise ConfigError(f"generator.cond_corruption {cond_corruption} must be in [0, 1]")
     try:
         sampler_lib.SamplerSettings(
             steps=config.regenerate.steps,

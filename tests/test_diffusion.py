@@ -14,6 +14,7 @@ from conftest import synthetic_images
 
 from configs import smoke
 from jaxclean import checkpointing, sharding, train
+from jaxclean.data import ImageDataset
 from jaxclean.diffusion import adapter, generator, sampler, trainer
 from jaxclean.experiment import ConfigError
 
@@ -168,3 +169,52 @@ def test_generator_widths_must_suit_group_norm():
     config.unet.block_out_channels = (32, 48)
     with pytest.raises(ValueError, match="multiple of 32"):
         generator.build(config, (28, 28, 1), 10)
+
+
+def test_denoiser_can_be_conditioned_on_corrupted_sources():
+    """With cond_corruption 1 every sample reads one of its corrupted copies' embeddings; with
+    0 the step is the plain one, whatever copies the batch carries."""
+    model = tiny_model()
+    mesh = sharding.make_mesh()
+    params = trainer.random_params(model, jax.random.key(0))
+    images, labels = synthetic_images(8, seed=0)
+    dataset = ImageDataset(images[..., None], labels.astype(np.int32), tuple("0123456789"))
+    encoded = trainer.encode_dataset(model, params, dataset, 8, mesh, corrupted_copies=3, seed=5)
+    corrupted = encoded["corrupted_features"]
+    assert corrupted.shape == (8, 3, encoded["features"].shape[1])
+    # Each copy is its own corruption, and none is the clean image's embedding.
+    assert not np.allclose(corrupted[:, 0], corrupted[:, 1])
+    assert not np.allclose(corrupted[:, 0], encoded["features"])
+    again = trainer.encode_dataset(model, params, dataset, 4, mesh, corrupted_copies=3, seed=5)
+    np.testing.assert_allclose(again["corrupted_features"], corrupted, rtol=1e-5, atol=1e-5)
+
+    latents = np.asarray(jax.random.normal(jax.random.key(1), (8, *model.latent_shape)))
+    fields = {
+        "latent_mean": latents,
+        "latent_std": np.full_like(latents, 0.01),
+        "embedding": encoded["features"],
+        "corrupted_embedding": corrupted,
+        "label": labels.astype(np.int32),
+        "index": np.arange(8, dtype=np.int32),
+    }
+    denoiser_params = {"unet": params["unet"], "label_table": params["label_table"]}
+
+    def loss(batch, cond_corruption):
+        state = generator.EMATrainState.create(denoiser_params, optax.sgd(0.0))
+        _, metrics = generator.denoiser_train_step(
+            state,
+            sharding.to_global(batch, mesh),
+            jax.random.key(0),
+            model=model,
+            cond_dropout=0.0,
+            ema_decay=0.9,
+            cond_corruption=cond_corruption,
+        )
+        return float(metrics["loss"])
+
+    plain = {k: v for k, v in fields.items() if k != "corrupted_embedding"}
+    assert loss(fields, 0.0) == loss(plain, 0.0)
+    all_copies_alike = dict(fields, corrupted_embedding=np.repeat(corrupted[:, :1], 3, axis=1))
+    as_clean = dict(plain, embedding=corrupted[:, 0])
+    np.testing.assert_allclose(loss(all_copies_alike, 1.0), loss(as_clean, 0.0), rtol=1e-6)
+    assert loss(fields, 1.0) != loss(fields, 0.0)

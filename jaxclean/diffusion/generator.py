@@ -256,12 +256,15 @@ def denoiser_train_step(
     model: LatentDiffusion,
     cond_dropout: float,
     ema_decay: float,
+    cond_corruption: float = 0.0,
 ):
     """One noise-prediction step on precomputed latents and embeddings.
 
     batch: {"latent_mean", "latent_std"} (already scaled to unit variance), "embedding",
-    "label", "index". Each sample's latent draw, timestep, noise and condition dropout come
-    from its own key, folded from its index.
+    "label", "index", and with `cond_corruption` > 0 "corrupted_embedding" (B, K, D): with that
+    probability a sample is conditioned on one of its K corrupted copies' embeddings instead.
+    Each sample's latent draw, timestep, noise and condition dropout come from its own key,
+    folded from its index.
     """
     alphas = jnp.asarray(model.alphas_cumprod)
     keys = jax.vmap(lambda k: jax.random.split(k, 4))(sample_keys(rng, batch["index"]))
@@ -276,9 +279,22 @@ def denoiser_train_step(
     drop = jax.vmap(lambda k: jax.random.bernoulli(k, cond_dropout))(keys[:, 3])
     signal = jnp.sqrt(alphas[timesteps])[:, None, None, None]
     noisy = signal * latents + jnp.sqrt(1.0 - signal**2) * noise
+    embedding = batch["embedding"]
+    if cond_corruption > 0:
+        # Keys of their own, so the draws above are those of a run without the option.
+        corrupt_keys = jax.vmap(lambda k: jax.random.split(k))(
+            sample_keys(jax.random.fold_in(rng, 1), batch["index"])
+        )
+        corrupted = batch["corrupted_embedding"]
+        which = jax.vmap(lambda k: jax.random.randint(k, (), 0, corrupted.shape[1]))(
+            corrupt_keys[:, 0]
+        )
+        use = jax.vmap(lambda k: jax.random.bernoulli(k, cond_corruption))(corrupt_keys[:, 1])
+        chosen = jnp.take_along_axis(corrupted, which[:, None, None], axis=1)[:, 0]
+        embedding = jnp.where(use[:, None], chosen, embedding)
 
     def loss_fn(params):
-        context = model.context(params["label_table"], batch["embedding"], batch["label"], drop)
+        context = model.context(params["label_table"], embedding, batch["label"], drop)
         predicted = adapter.predict_noise(model.unet, params["unet"], noisy, timesteps, context)
         return jnp.mean((predicted - noise) ** 2)
 

@@ -77,23 +77,51 @@ def train_vae(
     return _fit_phase("vae", state, step, dataset, config, seed, directory, mesh, writer)
 
 
+# Corrupted copies per image whose embeddings the denoiser may be conditioned on.
+CORRUPTED_COPIES = 4
+
+
 def encode_dataset(
-    model: LatentDiffusion, params: dict, dataset: ImageDataset, batch_size: int, mesh
+    model: LatentDiffusion,
+    params: dict,
+    dataset: ImageDataset,
+    batch_size: int,
+    mesh,
+    corrupted_copies: int = 0,
+    seed: int = 0,
 ) -> dict:
-    """Embeddings and VAE posterior (mean, std) of every image, for the denoiser's training."""
+    """Embeddings and VAE posterior (mean, std) of every image, for the denoiser's training.
+
+    With `corrupted_copies`, also the embeddings of that many corrupted versions of each image
+    (train.corrupt_image; copy k of image i from its own key), as "corrupted_features" (N, K, D).
+    """
+    key = jax.random.key(seed)
+
+    def embed(params, images):
+        return model.encoder.apply(params["encoder"], images, train=False, return_features=True)
 
     @jax.jit
-    def features(params, images):
-        mean, std = adapter.encode(
-            model.vae, params["vae"], model.to_generator_space(train.normalize(images))
-        )
-        raw = model.encoder.apply(
-            params["encoder"], train.normalize(images), train=False, return_features=True
-        )
-        return raw, mean, std
+    def features(params, images, indices):
+        normalized = train.normalize(images)
+        mean, std = adapter.encode(model.vae, params["vae"], model.to_generator_space(normalized))
+        outputs = (embed(params, normalized), mean, std)
+        if corrupted_copies:
+            per_image = train.sample_keys(key, indices)
+            copies = [
+                jax.vmap(lambda x, k, c=c: train.corrupt_image(x, jax.random.fold_in(k, c), 1.0))(
+                    normalized, per_image
+                )
+                for c in range(corrupted_copies)
+            ]
+            outputs += (jnp.stack([embed(params, x) for x in copies], axis=1),)
+        return outputs
 
-    raw, mean, std = train.batched_apply(features, params, (dataset.images,), batch_size, mesh)
-    return {"features": raw, "latent_mean": mean, "latent_std": std}
+    indices = np.arange(len(dataset), dtype=np.int32)
+    outputs = train.batched_apply(features, params, (dataset.images, indices), batch_size, mesh)
+    encoded = {"features": outputs[0], "latent_mean": outputs[1], "latent_std": outputs[2]}
+    if corrupted_copies:
+        encoded["corrupted_features"] = outputs[3]
+    return encoded
 
 
 def train_denoiser(
@@ -105,6 +133,7 @@ def train_denoiser(
     mesh,
     writer: MetricWriter,
     seed: int,
+    cond_corruption: float = 0.0,
 ) -> dict:
     """Phase 2: the conditional UNet on precomputed latents. Returns its EMA parameters."""
     tx = _adam(config.learning_rate)
@@ -114,7 +143,11 @@ def train_denoiser(
     )(jax.random.key(seed + 1))
     step = train.jit_step(
         functools.partial(
-            denoiser_train_step, model=model, cond_dropout=cond_dropout, ema_decay=config.ema_decay
+            denoiser_train_step,
+            model=model,
+            cond_dropout=cond_dropout,
+            cond_corruption=cond_corruption,
+            ema_decay=config.ema_decay,
         ),
         mesh,
     )
@@ -134,7 +167,19 @@ def train_generator(
     """Trains VAE then denoiser on `dataset`; returns the sampler's parameter pytree."""
     vae_params = train_vae(model, dataset, gen_config.vae, directory, mesh, writer, seed)
     params = {"encoder": encoder_variables, "vae": vae_params}
-    encoded = encode_dataset(model, params, dataset, gen_config.encode_batch_size, mesh)
+    # Conditioning on embeddings of corrupted sources while denoising the clean image teaches
+    # the UNet to render what an image shows, not the overlay on it: the encoder's features
+    # still carry a blend's lower contrast, which a variation would otherwise reproduce.
+    cond_corruption = gen_config.get("cond_corruption", 0.0)
+    encoded = encode_dataset(
+        model,
+        params,
+        dataset,
+        gen_config.encode_batch_size,
+        mesh,
+        corrupted_copies=CORRUPTED_COPIES if cond_corruption else 0,
+        seed=seed + 2,
+    )
     features = encoded["features"]
     embed_mean = features.mean(0)
     embed_std = features.std(0) + 1e-6
@@ -148,8 +193,18 @@ def train_generator(
         "embedding": (features - embed_mean) / embed_std,
         "label": dataset.labels,
     }
+    if cond_corruption:
+        fields["corrupted_embedding"] = (encoded["corrupted_features"] - embed_mean) / embed_std
     denoiser = train_denoiser(
-        model, fields, gen_config.unet, gen_config.cond_dropout, directory, mesh, writer, seed
+        model,
+        fields,
+        gen_config.unet,
+        gen_config.cond_dropout,
+        directory,
+        mesh,
+        writer,
+        seed,
+        cond_corruption=cond_corruption,
     )
     return {
         **params,
