@@ -222,6 +222,11 @@ def test_poison_plan_that_would_differ_is_refused(idx_dir, tmp_path):
             pipeline.ConfigError,
             r"generator.encoder.corruption 1.5",
         ),
+        (
+            lambda c: setattr(c.generator, "cond_corruption", -0.5),
+            pipeline.ConfigError,
+            r"generator.cond_corruption -0.5",
+        ),
     ],
 )
 def test_bad_input_fails_before_any_work(idx_dir, tmp_path, mutate, error, message):
