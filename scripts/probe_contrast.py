@@ -25,7 +25,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxclean import experiment, train  # noqa: E402
+from jaxclean import evaluate, experiment, train  # noqa: E402
 
 
 def load_config(path: str):
@@ -59,11 +59,19 @@ def main() -> None:
     keys = train.sample_keys(jax.random.key(1), jnp.arange(len(images)))
     non_target = labels != config.attack.target
 
+    # Float inputs (the corruptions live in [-1, 1]), batched and sharded like every evaluation.
+    logits_fn = jax.jit(lambda variables, batch: model.apply(variables, batch, train=False))
+
     def rates(batch):
-        predicted = np.asarray(jnp.argmax(model.apply(variables, batch, train=False), -1))
+        (logits,) = train.batched_apply(
+            logits_fn, variables, (np.asarray(batch),), config.teacher.eval_batch_size, exp.mesh
+        )
+        predicted = np.argmax(logits, -1)
         return {
-            "target_rate_non_target": float(np.mean(predicted[non_target] == config.attack.target)),
-            "accuracy": float(np.mean(predicted == labels)),
+            "target_rate_non_target": evaluate.accuracy(
+                predicted[non_target], np.full(non_target.sum(), config.attack.target)
+            ),
+            "accuracy": evaluate.accuracy(predicted, labels),
         }
 
     corrupt = jax.vmap(lambda image, key: train.corrupt_image(image, key, 1.0))
