@@ -292,6 +292,25 @@ def poison(train: ImageDataset, attack_config) -> tuple[ImageDataset, PoisonPlan
     return poisoned, plan
 
 
+def relabel_without_trigger(dataset: ImageDataset, attack_config, seed: int) -> ImageDataset:
+    """The poisoning's label changes with no trigger: a rate of the images relabelled to target.
+
+    A reference for what a classifier learns from the poisoned labels alone. The relabelled
+    images are drawn as the poisoned ones are (same rate, same eligibility), with `seed`.
+    """
+    validate_attack_config(attack_config, dataset.num_classes)
+    indices = choose_poison_indices(
+        dataset.labels,
+        attack_config.rate,
+        attack_config.target,
+        seed,
+        attack_config.include_target,
+    )
+    labels = dataset.labels.copy()
+    labels[indices] = attack_config.target
+    return ImageDataset(dataset.images, labels, dataset.class_names)
+
+
 @dataclasses.dataclass(frozen=True)
 class TriggeredTestSets:
     """Every non-target test image with the trigger, labelled two ways.

@@ -125,6 +125,19 @@ def test_poison_plan_can_include_target():
         attacks.choose_poison_indices(labels, 0.2, 0, seed=0, include_target=False)
 
 
+def test_relabel_without_trigger_changes_labels_only():
+    train = dataset()
+    reference = attacks.relabel_without_trigger(train, attack_config(rate=0.13), seed=5)
+    np.testing.assert_array_equal(reference.images, train.images)
+    changed = np.flatnonzero(reference.labels != train.labels)
+    assert len(changed) == math.ceil(0.13 * 200)  # Drawn from non-target images: all change.
+    assert (reference.labels[changed] == 0).all()
+    _, plan = attacks.poison(train, attack_config(rate=0.13))
+    assert not np.array_equal(changed, plan.indices)  # Its own draw, not the plan's.
+    with pytest.raises(attacks.AttackError, match="rate"):
+        attacks.relabel_without_trigger(train, attack_config(rate=1.5), seed=5)
+
+
 def test_triggered_test_sets_cover_every_non_target_image():
     test = dataset(50)
     sets = attacks.triggered_test_sets(test, attack_config())

@@ -54,6 +54,7 @@ def test_launch_runs_every_stage_and_reports(full_run):
     diagnostics = results["diagnostics"]
     for key in (
         "trigger_learnability/asr_trained_on_variations",
+        "trigger_learnability/asr_label_noise_reference",
         "content_kept/teacher_accuracy_on_variations",
         "artefact_activation/target_rate_on_variations",
         "trigger_survival/difference",
