@@ -323,6 +323,8 @@ def _sampler_settings(exp: Experiment) -> sampler_lib.SamplerSettings:
             guidance=config.guidance,
             strength=config.strength,
             color_transfer=config.color_transfer,
+            # Absent from configs written before it existed (their specs stay as they were).
+            black_level=config.get("black_level", 0),
         )
     except sampler_lib.SamplerError as e:
         raise ConfigError(str(e)) from e
@@ -355,8 +357,9 @@ def _regenerate_record(exp: Experiment):
     return exp.record(os.path.join("regenerated", exp.config.regenerate.name), spec)
 
 
-# What two regenerations may differ in and still produce the same variation of the same image.
-_REUSE_FREE_KEYS = ("name", "reuse_from")
+# What two regenerations may differ in and still produce the same variation of the same image;
+# black_level too, if the source's is not higher (raising it is applied to the copied rows).
+_REUSE_FREE_KEYS = ("name", "reuse_from", "black_level")
 
 
 def _reuse_source(exp: Experiment, record) -> str:
@@ -377,6 +380,9 @@ def _reuse_source(exp: Experiment, record) -> str:
         return {"generator": spec["generator"], "regenerate": settings}
 
     changes = differences(comparable(theirs), comparable(record.spec))
+    their_level = theirs["regenerate"].get("black_level", 0)
+    if their_level > exp.config.regenerate.get("black_level", 0):
+        changes.append(f"black_level {their_level} is above this run's (cannot be undone)")
     if changes:
         raise ConfigError(
             f"regenerate.reuse_from {source!r} was made with another generator or sampler "
@@ -422,6 +428,7 @@ def regenerate_stage(exp: Experiment) -> None:
         seed=config.seed,
         mesh=mesh,
         reuse_from=reuse_from,
+        reuse_black_level=settings.black_level,
     )
     if exp.is_writer:
         variations = load_variations(exp)

@@ -11,7 +11,8 @@ Each shard also records a digest of every source image and label. A run on the s
 another attack (the clean majority of the images is the same) may reuse the variations of
 another run made with the same generator and sampler settings: a row whose source digest
 matches is copied, the rest are sampled. Since an image's variation depends only on its
-source, label, index and the seed, a copied row is the row this run would have sampled.
+source, label, index and the seed, a copied row is the row this run would have sampled. The
+one setting that may differ is a higher black level: raising it is applied to the copied rows.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import numpy as np
 from jaxclean import faults, sharding
 from jaxclean.artifacts import atomic_write_bytes
 from jaxclean.data import ImageDataset
+from jaxclean.diffusion.sampler import apply_black_level
 from jaxclean.metrics import progress
 
 
@@ -137,6 +139,7 @@ def regenerate(
     seed: int,
     mesh,
     reuse_from: str = "",
+    reuse_black_level: int = 0,
     description: str = "regenerate",
 ) -> dict:
     """Writes a variation of every image of `dataset` under directory/shards/.
@@ -153,6 +156,8 @@ def regenerate(
       reuse_from: "" or the directory of variations made by the same generator and sampler
         settings (the caller checks that) with the same shard size: rows whose source digest
         matches are copied from it instead of sampled.
+      reuse_black_level: the sampler's black level, applied to the copied rows (made with the
+        same or a lower one; the caller checks that).
 
     Returns:
       {"images_per_second", "shards_written", "shards_skipped", "images_reused"} for this
@@ -183,6 +188,7 @@ def regenerate(
             )
         digests = source_digests(dataset.images[indices], dataset.labels[indices])
         images, copied = _reusable_rows(reuse_from, shard, indices, digests, dataset.image_shape)
+        images[copied] = np.asarray(apply_black_level(images[copied], reuse_black_level))
         bar.update(int(copied.sum()))
         todo = indices[~copied]
         if len(todo):

@@ -63,11 +63,20 @@ def test_strength_runs_only_the_last_part_of_the_schedule():
         (dict(strength=1.5), r"strength 1.5"),
         (dict(guidance=0.5), "guidance"),
         (dict(eta=-1.0), "eta"),
+        (dict(black_level=256), r"black_level 256 must be in \[0, 255\]"),
     ],
 )
 def test_bad_sampler_settings(settings, message):
     with pytest.raises(sampler.SamplerError, match=message):
         sampler.SamplerSettings(**settings)
+
+
+def test_black_level_clears_dark_pixels_only_and_composes():
+    pixels = jnp.asarray([[0, 5, 15, 16, 17, 200]], jnp.uint8)
+    np.testing.assert_array_equal(sampler.apply_black_level(pixels, 16), [[0, 0, 0, 16, 17, 200]])
+    np.testing.assert_array_equal(sampler.apply_black_level(pixels, 0), pixels)
+    low_then_high = sampler.apply_black_level(sampler.apply_black_level(pixels, 6), 16)
+    np.testing.assert_array_equal(low_then_high, sampler.apply_black_level(pixels, 16))
 
 
 def test_colour_transfer_matches_source_statistics():

@@ -409,6 +409,21 @@ def test_variations_of_another_attack_are_reused_where_the_images_agree(
     diff = np.abs(ours["images"].astype(int) - scratch["images"].astype(int))
     assert diff.max() <= 2 and diff.mean() < 0.05, (diff.max(), diff.mean())
 
+    # A higher black level is applied to the copied rows; a lower one cannot undo the source's.
+    darker = _blended_reusing(idx_dir, workdir, source)
+    darker.regenerate.black_level = 40
+    pipeline.run(darker, str(tmp_path / "darker"), "generator,regenerate")
+    cleared = _shards(os.path.join(tmp_path / "darker", "regenerated", "variations"))
+    expected = np.where(theirs["images"] < 40, 0, theirs["images"])
+    np.testing.assert_array_equal(cleared["images"][same_source], expected[same_source])
+    assert (cleared["images"] < 40).sum() == (cleared["images"] == 0).sum()
+    assert (theirs["images"][same_source] < 40).sum() > (theirs["images"][same_source] == 0).sum()
+    lighter = _blended_reusing(
+        idx_dir, workdir, os.path.join(tmp_path / "darker", "regenerated", "variations")
+    )
+    with pytest.raises(pipeline.ConfigError, match="black_level 40 is above"):
+        pipeline.run(lighter, str(tmp_path / "lighter"), "generator,regenerate")
+
     other = _blended_reusing(idx_dir, workdir, source)
     other.regenerate.guidance = 5.0
     with pytest.raises(pipeline.ConfigError, match="another generator or sampler.*guidance"):
