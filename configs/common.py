@@ -269,7 +269,7 @@ def fashion_mnist_config(attack) -> ml_collections.ConfigDict:
     config.generator.pretrained = FASHION_MNIST_GENERATOR
     # Fashion-MNIST's backgrounds are pure black; the generator's decoder leaves a faint haze
     # on them, which the Blended teacher reads as its trigger (a noise blend brightens the
-    # background too), and which the student then learns from the teacher's soft labels. On
+    # background too), and which a student can then learn from the teacher's soft labels. On
     # the diagnostics' 1,000 test images, clearing values below 16 took the Blended teacher's
     # target rate on variations of clean images from 0.059 to 0.018 (0.015 on the originals)
     # and its accuracy on them from 0.823 to 0.862; BadNets teacher 0.030 -> 0.024 and
