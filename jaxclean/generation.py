@@ -381,7 +381,7 @@ def _reuse_source(exp: Experiment, record) -> str:
 
     changes = differences(comparable(theirs), comparable(record.spec))
     their_level = theirs["regenerate"].get("black_level", 0)
-    if their_level > exp.config.regenerate.get("black_level", 0):
+    if their_level > record.spec["regenerate"].get("black_level", 0):
         changes.append(f"black_level {their_level} is above this run's (cannot be undone)")
     if changes:
         raise ConfigError(
@@ -590,12 +590,13 @@ def _trigger_learnability(exp: Experiment) -> dict:
     name = exp.config.regenerate.name
     variations = load_variations(exp)
     base = {**exp.poison_spec(), "recipe": recipe}
+    variations_fingerprint = _regenerate_record(exp).spec_fingerprint
     on_variations = train_classifier(
         exp,
         f"learnability/{name}",
         variations,
         recipe,
-        {**base, "variations": _regenerate_record(exp).spec_fingerprint},
+        {**base, "variations": variations_fingerprint},
         report_section="diagnostics",
     )
     unpoisoned = np.setdiff1d(np.arange(len(variations)), exp.plan.indices)
@@ -608,7 +609,7 @@ def _trigger_learnability(exp: Experiment) -> dict:
         recipe,
         {
             **base,
-            "variations": _regenerate_record(exp).spec_fingerprint,
+            "variations": variations_fingerprint,
             "reference": "unpoisoned variations, labels relabelled at the poisoning rate",
         },
         report_section="diagnostics",
