@@ -285,7 +285,7 @@ def base_config(data, attack) -> ml_collections.ConfigDict:
     config.attack = attack
     config.teacher = classifier_recipe()
     # The student and every baseline share one recipe; alpha and T as in the paper.
-    config.student = classifier_recipe(alpha=0.5, temperature=10.0)
+    config.student = classifier_recipe(alpha=0.5, temperature=10.0, student_corruption=0.0)
     config.generator = generator_config()
     config.regenerate = regenerate_config()
     config.diagnostics = diagnostics_config()

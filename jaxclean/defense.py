@@ -36,6 +36,10 @@ def validate_distillation(recipe) -> None:
         raise ConfigError(f"student.alpha {recipe.alpha} must be in [0, 1]")
     if recipe.temperature <= 0:
         raise ConfigError(f"student.temperature {recipe.temperature} must be > 0")
+    if not 0.0 <= recipe.get("student_corruption", 0.0) <= 1.0:
+        raise ConfigError(
+            f"student.student_corruption {recipe.student_corruption} must be a probability in [0, 1]"
+        )
 
 
 def teacher_stage(exp: Experiment) -> None:
@@ -89,6 +93,7 @@ def _distilled(exp: Experiment, name: str, dataset: ImageDataset, spec: dict) ->
         augment=augment,
         alpha=recipe.alpha,
         temperature=recipe.temperature,
+        student_corruption=recipe.get("student_corruption", 0.0),
     )
     teacher_record = read_json(os.path.join(exp.workdir, "teacher", "done.json"))
     spec = {**spec, "student": recipe, "teacher": teacher_record["spec_fingerprint"]}

@@ -200,6 +200,7 @@ def distill_step(
     augment: Augment,
     alpha: float,
     temperature: float,
+    student_corruption: float = 0.0,
 ):
     """One knowledge-distillation step: the frozen teacher and the student see the same batch.
 
@@ -212,9 +213,20 @@ def distill_step(
       augment: static augmentation settings, applied once and fed to both networks.
       alpha: weight of the distillation term, in [0, 1].
       temperature: softmax temperature T > 0.
+      student_corruption: probability that the student's copy of an image also gets a random
+        photometric corruption (`corrupt_image`) while the teacher labels the uncorrupted one,
+        as in Noisy Student (Xie et al. 2020). The student then learns to give the teacher's
+        answer for the clean image whatever the contrast, brightness or noise, rather than
+        copying how the teacher's outputs move with them, which is where a backdoor that
+        answers to such changes (Blended) lives.
     """
-    images = augment_images(normalize(batch["image"]), sample_keys(rng, batch["index"]), augment)
+    keys = sample_keys(rng, batch["index"])
+    images = augment_images(normalize(batch["image"]), keys, augment)
     teacher_logits = jax.lax.stop_gradient(teacher_apply(teacher_variables, images, train=False))
+    if student_corruption:
+        # Its own key per image (fold 3; fold 2 is augment_images' corruption).
+        corrupt = functools.partial(corrupt_image, probability=student_corruption)
+        images = jax.vmap(corrupt)(images, jax.vmap(lambda k: jax.random.fold_in(k, 3))(keys))
 
     def loss_fn(params):
         logits, updates = state.apply_fn(
