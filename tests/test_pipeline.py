@@ -219,6 +219,11 @@ def test_poison_plan_that_would_differ_is_refused(idx_dir, tmp_path):
         (lambda c: setattr(c.student, "alpha", -0.1), pipeline.ConfigError, "alpha"),
         (lambda c: setattr(c.student, "temperature", 0.0), pipeline.ConfigError, "temperature"),
         (
+            lambda c: setattr(c.student, "student_corruption", 1.5),
+            pipeline.ConfigError,
+            r"student.student_corruption 1.5",
+        ),
+        (
             lambda c: setattr(c.generator.encoder, "corruption", 1.5),
             pipeline.ConfigError,
             r"generator.encoder.corruption 1.5",

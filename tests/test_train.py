@@ -103,6 +103,59 @@ def test_distill_step_pulls_student_toward_teacher():
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+def test_student_corruption_corrupts_only_the_students_copy():
+    mesh = sharding.make_mesh()
+    model, student = tiny_state(mesh, seed=2)
+    images, labels = synthetic_images(16, seed=3)
+    batch = batch_of(images[..., None], labels, mesh)
+    rng = jax.random.key(7)
+
+    # A teacher that answers to brightness and contrast, so clean and corrupted inputs differ.
+    def teacher_apply(variables, x, train):
+        del variables, train
+        stats = jnp.stack([x.mean((1, 2, 3)), x.std((1, 2, 3))], -1)
+        return 10.0 * jnp.concatenate([stats, -stats, jnp.zeros((len(x), 6))], -1)
+
+    def step_loss(corruption):
+        step_fn = functools.partial(
+            train.distill_step,
+            teacher_apply=teacher_apply,
+            augment=train.Augment(),
+            alpha=0.5,
+            temperature=2.0,
+            student_corruption=corruption,
+        )
+        # A fresh student each time: the jitted step donates the state it is given.
+        _, fresh = tiny_state(mesh, seed=2)
+        _, metrics = train.jit_step(step_fn, mesh, num_static_args=1)(fresh, {}, batch, rng)
+        return float(metrics["loss"])
+
+    clean = train.normalize(jnp.asarray(images[..., None]))
+    keys = train.sample_keys(rng, jnp.arange(len(labels)))
+    corrupted = jax.vmap(lambda x, k: train.corrupt_image(x, jax.random.fold_in(k, 3), 1.0))(
+        clean, keys
+    )
+    assert np.all(np.any(np.asarray(corrupted != clean), axis=(1, 2, 3)))
+
+    def expected(student_input, teacher_input):
+        logits, _ = student.apply_fn(
+            student.variables, student_input, train=True, mutable=["batch_stats"]
+        )
+        teacher_logits = teacher_apply(None, teacher_input, False)
+        return float(train.distillation_loss(logits, teacher_logits, jnp.asarray(labels), 0.5, 2.0))
+
+    want = {
+        "corrupted_vs_clean": expected(corrupted, clean),
+        "corrupted_vs_corrupted": expected(corrupted, corrupted),
+        "clean_vs_clean": expected(clean, clean),
+    }
+    # The student learns from the corrupted copy what the teacher says of the clean image.
+    got = step_loss(1.0)
+    np.testing.assert_allclose(got, want["corrupted_vs_clean"], rtol=1e-4)
+    assert abs(got - want["corrupted_vs_corrupted"]) > 1e-3
+    np.testing.assert_allclose(step_loss(0.0), want["clean_vs_clean"], rtol=1e-4)
+
+
 def test_augmentation_is_per_sample_and_batch_independent():
     images = jnp.arange(2 * 6 * 6, dtype=jnp.float32).reshape(2, 6, 6, 1)
     keys = train.sample_keys(jax.random.key(0), jnp.array([10, 11]))
