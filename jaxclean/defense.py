@@ -38,7 +38,8 @@ def validate_distillation(recipe) -> None:
         raise ConfigError(f"student.temperature {recipe.temperature} must be > 0")
     if not 0.0 <= recipe.get("student_corruption", 0.0) <= 1.0:
         raise ConfigError(
-            f"student.student_corruption {recipe.student_corruption} must be a probability in [0, 1]"
+            f"student.student_corruption {recipe.student_corruption} must be a probability "
+            "in [0, 1]"
         )
 
 
