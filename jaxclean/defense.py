@@ -97,10 +97,29 @@ def _distilled(exp: Experiment, name: str, dataset: ImageDataset, spec: dict) ->
         student_corruption=recipe.get("student_corruption", 0.0),
     )
     teacher_record = read_json(os.path.join(exp.workdir, "teacher", "done.json"))
-    spec = {**spec, "student": recipe, "teacher": teacher_record["spec_fingerprint"]}
+    spec = {
+        **spec,
+        "student": _spec_recipe(recipe, distills=True),
+        "teacher": teacher_record["spec_fingerprint"],
+    }
     train_classifier(
         exp, name, dataset, recipe, spec, make_step=make_step, extra_args=(teacher_variables,)
     )
+
+
+def _spec_recipe(recipe, *, distills: bool):
+    """The student recipe as a stage's spec records it.
+
+    student_corruption is recorded only where the stage reads it (the distilled models) and it
+    is on: the cross-entropy baselines share the recipe but never read it, so changing it must
+    not retrain them, and records made before it existed stay valid while it is off. (alpha
+    and T, which the baselines do not read either, stay in their specs for the same reason:
+    they were there from the start.)
+    """
+    recipe = recipe.copy_and_resolve_references()
+    if "student_corruption" in recipe and not (distills and recipe.student_corruption):
+        del recipe["student_corruption"]
+    return recipe
 
 
 def student_stage(exp: Experiment) -> None:
@@ -123,17 +142,29 @@ def variations_only_stage(exp: Experiment) -> None:
     """Baseline: cross-entropy on the variations with their (poisoned) labels, no teacher."""
     require_poison_plan(exp)
     variations, fingerprint = _variations(exp)
-    spec = {**exp.poison_spec(), "student": exp.config.student, "variations": fingerprint}
+    spec = {
+        **exp.poison_spec(),
+        "student": _spec_recipe(exp.config.student, distills=False),
+        "variations": fingerprint,
+    }
     train_classifier(exp, "variations_only", variations, exp.config.student, spec)
 
 
 def trusted_only_stage(exp: Experiment) -> None:
     """Baseline: a classifier trained on the trusted split alone."""
-    spec = {**exp.data_spec(), "student": exp.config.student, "attack_for_eval": exp.config.attack}
+    spec = {
+        **exp.data_spec(),
+        "student": _spec_recipe(exp.config.student, distills=False),
+        "attack_for_eval": exp.config.attack,
+    }
     train_classifier(exp, "trusted_only", exp.splits.trusted, exp.config.student, spec)
 
 
 def clean_reference_stage(exp: Experiment) -> None:
     """Reference: the same training images without poison; the floor for ASR."""
-    spec = {**exp.data_spec(), "student": exp.config.student, "attack_for_eval": exp.config.attack}
+    spec = {
+        **exp.data_spec(),
+        "student": _spec_recipe(exp.config.student, distills=False),
+        "attack_for_eval": exp.config.attack,
+    }
     train_classifier(exp, "clean_reference", exp.splits.train, exp.config.student, spec)

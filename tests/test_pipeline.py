@@ -155,6 +155,24 @@ def test_student_refuses_missing_or_foreign_inputs(full_run, idx_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_student_corruption_retrains_only_the_distilled_models(full_run, idx_dir, tmp_path, capsys):
+    workdir, _ = full_run
+    copy = str(tmp_path / "copy")
+    shutil.copytree(workdir, copy)
+    config = smoke_config(idx_dir)
+    config.student.student_corruption = 0.5
+    # The cross-entropy baselines never read it: still done.
+    pipeline.run(config, copy, "variations_only,trusted_only,clean_reference")
+    out = capsys.readouterr().out
+    for stage in ("variations_only", "trusted_only", "clean_reference"):
+        assert f"{stage}: done already" in out
+    # The student and kd_on_original distil with it: a finished one is refused, not reused.
+    for stage in ("student", "kd_on_original"):
+        with pytest.raises(StageConflict, match="student_corruption"):
+            pipeline.run(config, copy, stage)
+
+
+@pytest.mark.slow
 def test_kill_during_training_then_rerun_matches_uninterrupted(idx_dir, tmp_path):
     extra = ["--stages=poison,teacher", "--config.teacher.checkpoint_every_steps=3"]
     clean_dir, crash_dir = str(tmp_path / "clean"), str(tmp_path / "crash")
