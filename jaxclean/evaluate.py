@@ -28,16 +28,22 @@ def evaluate_classifier(
 ) -> dict:
     """CA on the clean test set; ASR and RA on every triggered non-target test image.
 
+    Beside ASR, the rate at which the same non-target images *without* the trigger are called
+    the target: any classifier sends some of them there (shirts to T-shirt), so ASR minus this
+    is what the trigger itself does. A model that reads triggered images by their content (high
+    RA) makes its ordinary errors on them too, and its ASR cannot fall below this rate; a clean
+    model that cannot read them sends them elsewhere, and its ASR can.
+
     Returns:
-      {"clean_accuracy", "attack_success_rate", "robust_accuracy"}; the last two are absent
-      when there is no attack.
+      {"clean_accuracy", "attack_success_rate", "untriggered_target_rate", "robust_accuracy"};
+      the last three are absent when there is no attack.
     """
-    results = {
-        "clean_accuracy": accuracy(
-            predictions(predict_fn, variables, test.images, batch_size, mesh), test.labels
-        )
-    }
+    clean_predictions = predictions(predict_fn, variables, test.images, batch_size, mesh)
+    results = {"clean_accuracy": accuracy(clean_predictions, test.labels)}
     if triggered is not None:
+        results["untriggered_target_rate"] = accuracy(
+            clean_predictions[triggered.source_indices], triggered.attack_success.labels
+        )
         triggered_predictions = predictions(
             predict_fn, variables, triggered.robust.images, batch_size, mesh
         )

@@ -12,6 +12,9 @@ METRICS = (
     ("attack_success_rate", "ASR"),
     ("robust_accuracy", "RA"),
 )
+# Printed beside them: ASR's own floor, the target rate on the same images without the trigger
+# (evaluate.evaluate_classifier). Absent from models evaluated before it existed.
+TABLE_METRICS = (*METRICS, ("untriggered_target_rate", "ASR0"))
 
 
 # Table order: the model under attack, the method, then the baselines.
@@ -65,12 +68,12 @@ def update_results(
 
 
 def summary_table(results: dict) -> str:
-    """The models' CA / ASR / RA as a fixed-width text table."""
-    header = f"{'model':<20}" + "".join(f"{short:>8}" for _, short in METRICS)
+    """The models' CA / ASR / RA / ASR0 as a fixed-width text table."""
+    header = f"{'model':<20}" + "".join(f"{short:>8}" for _, short in TABLE_METRICS)
     lines = [header, "-" * len(header)]
     for name, metrics in ordered_models(results):
         cells = "".join(
-            f"{metrics[key]:>8.4f}" if key in metrics else f"{'-':>8}" for key, _ in METRICS
+            f"{metrics[key]:>8.4f}" if key in metrics else f"{'-':>8}" for key, _ in TABLE_METRICS
         )
         lines.append(f"{name:<20}{cells}")
     return "\n".join(lines)
@@ -144,11 +147,11 @@ def write_markdown(workdir: str) -> str:
     lines = [
         "# Results",
         "",
-        "| model | CA | ASR | RA | DER | wall s |",
-        "|---|---|---|---|---|---|",
+        "| model | CA | ASR | RA | ASR0 (no trigger) | DER | wall s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, metrics in ordered_models(results):
-        cells = [f"{metrics[k]:.4f}" if k in metrics else "-" for k, _ in METRICS]
+        cells = [f"{metrics[k]:.4f}" if k in metrics else "-" for k, _ in TABLE_METRICS]
         der = metrics.get("defense_effectiveness_rate")
         cells.append(f"{der:.4f}" if der is not None else "-")
         lines.append(

@@ -47,7 +47,12 @@ def test_launch_runs_every_stage_and_reports(full_run):
     }
     assert expected_models <= set(results["models"])
     for name in expected_models:
-        for key in ("clean_accuracy", "attack_success_rate", "robust_accuracy"):
+        for key in (
+            "clean_accuracy",
+            "attack_success_rate",
+            "robust_accuracy",
+            "untriggered_target_rate",
+        ):
             assert 0.0 <= results["models"][name][key] <= 1.0
     assert 0.0 <= results["models"]["student"]["defense_effectiveness_rate"] <= 1.0
     assert results["experiment"]["num_poisoned"] == 16  # ceil(0.1 * 160)
@@ -76,7 +81,7 @@ def test_launch_runs_every_stage_and_reports(full_run):
     assert len(shards) == 3  # 160 images in shards of 64.
     assert any(f.startswith("events") for f in os.listdir(os.path.join(workdir, "tensorboard")))
     markdown = open(os.path.join(workdir, "report", "results.md")).read()
-    assert "| student |" in markdown and "DER" in markdown
+    assert "| student |" in markdown and "DER" in markdown and "ASR0" in markdown
     assert "student" in result.stdout and "CA" in result.stdout
 
 

@@ -1,0 +1,51 @@
+"""CA, ASR, RA and ASR's untriggered floor against counts known by construction."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from conftest import NUM_CLASSES, synthetic_images
+
+from jaxclean import evaluate, sharding, train
+from jaxclean.attacks import TriggeredTestSets
+from jaxclean.data import ImageDataset
+
+
+def band_classifier(variables, images, train):
+    """Predicts the class whose horizontal band is brightest (synthetic_images' rule)."""
+    del variables, train
+    bands = images[..., 0].reshape(len(images), NUM_CLASSES, -1)
+    return jax.nn.one_hot(jnp.argmax(bands.mean(-1), -1), NUM_CLASSES)
+
+
+def test_untriggered_target_rate_counts_the_same_images_without_the_trigger():
+    images, labels = synthetic_images(40, seed=0, size=30)
+    images = images[..., None]
+    target = 0
+    non_target = np.flatnonzero(labels != target)
+    # Three non-target images that the classifier calls the target with no trigger at all.
+    confused = non_target[:3]
+    images[confused, :3] = 255
+    # The "trigger" lights the target's band: every triggered image goes to the target,
+    # except two whose own band is lit brighter still (they keep their true class).
+    triggered = images[non_target].copy()
+    triggered[:, :3] = 240
+    kept = [5, 6]
+    for i in kept:
+        label = labels[non_target[i]]
+        triggered[i, label * 3 : (label + 1) * 3] = 255
+    sets = TriggeredTestSets(
+        attack_success=ImageDataset(triggered, np.full(len(non_target), target), ()),
+        robust=ImageDataset(triggered, labels[non_target], ()),
+        source_indices=non_target,
+    )
+    mesh = sharding.make_mesh()
+    predict_fn = train.make_predict_fn(band_classifier, mesh)
+    test = ImageDataset(images, labels, ())
+    metrics = evaluate.evaluate_classifier(predict_fn, {}, test, sets, 8, mesh)
+    n = len(non_target)
+    assert metrics["clean_accuracy"] == (len(labels) - 3) / len(labels)
+    assert metrics["untriggered_target_rate"] == 3 / n
+    assert metrics["attack_success_rate"] == (n - len(kept)) / n
+    assert metrics["robust_accuracy"] == len(kept) / n
+    no_attack = evaluate.evaluate_classifier(predict_fn, {}, test, None, 8, mesh)
+    assert set(no_attack) == {"clean_accuracy"}
