@@ -5,6 +5,8 @@ import os
 import re
 import shutil
 import stat
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -157,6 +159,33 @@ def test_student_refuses_missing_or_foreign_inputs(full_run, idx_dir, tmp_path):
     json.dump(spec, open(spec_path, "w"))
     with pytest.raises(pipeline.ConfigError, match="another poison plan"):
         pipeline.run(smoke_config(idx_dir), foreign, "student")
+
+
+@pytest.mark.slow
+def test_evaluate_models_script_restores_a_metric_added_later(full_run, idx_dir, tmp_path):
+    workdir, _ = full_run
+    copy = str(tmp_path / "copy")
+    shutil.copytree(workdir, copy)
+    path = os.path.join(copy, "report", "results.json")
+    results = json.load(open(path))
+    expected = results["models"]["student"]
+    del results["models"]["student"]["untriggered_target_rate"]
+    json.dump(results, open(path, "w"))
+    script = os.path.join(REPO, "scripts", "evaluate_models.py")
+    config = os.path.join(REPO, "configs", "smoke.py")
+    args = [f"--config={config}", f"--workdir={copy}", f"--config.data.dir={idx_dir}"]
+    out = subprocess.run(
+        [sys.executable, script, *args, "--stages=student", "--update"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    restored = json.load(open(path))["models"]["student"]
+    for key in ("clean_accuracy", "attack_success_rate", "untriggered_target_rate"):
+        assert restored[key] == pytest.approx(expected[key], abs=1e-6), key
+    assert restored["wall_seconds"] == expected["wall_seconds"]
+    assert "ASR0" in open(os.path.join(copy, "report", "results.md")).read()
 
 
 @pytest.mark.slow
