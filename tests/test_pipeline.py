@@ -168,7 +168,7 @@ def test_evaluate_models_script_restores_a_metric_added_later(full_run, idx_dir,
     shutil.copytree(workdir, copy)
     path = os.path.join(copy, "report", "results.json")
     results = json.load(open(path))
-    expected = results["models"]["student"]
+    expected = dict(results["models"]["student"])
     del results["models"]["student"]["untriggered_target_rate"]
     json.dump(results, open(path, "w"))
     script = os.path.join(REPO, "scripts", "evaluate_models.py")
