@@ -33,7 +33,7 @@ def get_config(arg="badnets"):
         flip=True,
     )
     config.teacher = common.classifier_recipe(**recipe)
-    config.student = common.classifier_recipe(**recipe, alpha=0.5, temperature=10.0)
+    config.student = common.student_recipe(common.classifier_recipe(**recipe))
     config.generator = common.sd_img2img_config()
     config.regenerate = common.regenerate_config(
         name="sd_img2img_0.5",

@@ -54,6 +54,18 @@ def classifier_recipe(**overrides) -> ml_collections.ConfigDict:
     return recipe
 
 
+def student_recipe(recipe: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
+    """A classifier recipe (default: `classifier_recipe()`) with the distillation's fields.
+
+    alpha and T as in the paper; student_corruption (the Noisy-Student corruption of the
+    student's input, `train.distill_step`) off. Every config's student is built here, so each
+    field exists to be overridden from the command line.
+    """
+    recipe = classifier_recipe() if recipe is None else recipe
+    recipe.update(dict(alpha=0.5, temperature=10.0, student_corruption=0.0))
+    return recipe
+
+
 def data_config(**overrides) -> ml_collections.ConfigDict:
     """Where the images come from and how train is split; every field is overridable."""
     config = ml_collections.ConfigDict(
@@ -298,7 +310,7 @@ def base_config(data, attack) -> ml_collections.ConfigDict:
     config.attack = attack
     config.teacher = classifier_recipe()
     # The student and every baseline share one recipe; alpha and T as in the paper.
-    config.student = classifier_recipe(alpha=0.5, temperature=10.0, student_corruption=0.0)
+    config.student = student_recipe()
     config.generator = generator_config()
     config.regenerate = regenerate_config()
     config.diagnostics = diagnostics_config()

@@ -60,7 +60,7 @@ def get_config(arg="badnets"):
     )
     config = common.base_config(data, ATTACKS[arg]())
     config.teacher = paper_recipe()
-    config.student = paper_recipe(alpha=0.5, temperature=10.0)
+    config.student = common.student_recipe(paper_recipe())
     config.generator = common.sd_image_variations_config()
     config.regenerate = common.regenerate_config(
         steps=50,

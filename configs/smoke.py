@@ -21,7 +21,7 @@ def get_config(arg=None):
         eval_batch_size=32,
     )
     config.teacher = common.classifier_recipe(**tiny)
-    config.student = common.classifier_recipe(**tiny, alpha=0.5, temperature=10.0)
+    config.student = common.student_recipe(common.classifier_recipe(**tiny))
     small_nets = dict(
         block_out_channels=(32, 32),
         num_epochs=1,

@@ -107,18 +107,25 @@ def _distilled(exp: Experiment, name: str, dataset: ImageDataset, spec: dict) ->
     )
 
 
-def _spec_recipe(recipe, *, distills: bool):
-    """The student recipe as a stage's spec records it.
+# The student recipe's fields that only distillation reads.
+_DISTILLATION_FIELDS = ("alpha", "temperature", "student_corruption")
 
-    student_corruption is recorded only where the stage reads it (the distilled models) and it
-    is on: the cross-entropy baselines share the recipe but never read it, so changing it must
-    not retrain them, and records made before it existed stay valid while it is off. (alpha
-    and T, which the baselines do not read either, stay in their specs for the same reason:
-    they were there from the start.)
+
+def _spec_recipe(recipe, *, distills: bool):
+    """The student recipe as a stage's spec records it: the fields the stage reads.
+
+    The cross-entropy baselines share the recipe but not its distillation fields, so changing
+    alpha, T or student_corruption must not retrain them. The distilled models record
+    student_corruption only when it is on, so that their records made before it existed stay
+    valid while it is off.
     """
-    recipe = recipe.copy_and_resolve_references()
-    if "student_corruption" in recipe and not (distills and recipe.student_corruption):
-        del recipe["student_corruption"]
+    recipe = recipe.to_dict()  # A copy, and unlocked (launch.py locks the config).
+    if distills:
+        dropped = () if recipe.get("student_corruption", 0.0) else ("student_corruption",)
+    else:
+        dropped = _DISTILLATION_FIELDS
+    for field in dropped:
+        recipe.pop(field, None)
     return recipe
 
 

@@ -31,7 +31,8 @@ _STAGES = flags.DEFINE_string("stages", "", "Comma-separated; empty: every finis
 _UPDATE = flags.DEFINE_bool("update", False, "Merge the metrics into report/results.json.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-CLASSIFIERS = ("teacher", *report.MODEL_ORDER[1:-1])
+# Every reported classifier but the generator's encoder, whose recipe is the generator's.
+CLASSIFIERS = tuple(name for name in report.MODEL_ORDER if name != "encoder")
 
 
 def main(argv) -> None:

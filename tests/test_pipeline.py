@@ -189,18 +189,20 @@ def test_evaluate_models_script_restores_a_metric_added_later(full_run, idx_dir,
 
 
 @pytest.mark.slow
-def test_student_corruption_retrains_only_the_distilled_models(full_run, idx_dir, tmp_path, capsys):
+def test_distillation_fields_retrain_only_the_distilled_models(full_run, idx_dir, tmp_path, capsys):
     workdir, _ = full_run
     copy = str(tmp_path / "copy")
     shutil.copytree(workdir, copy)
     config = smoke_config(idx_dir)
     config.student.student_corruption = 0.5
-    # The cross-entropy baselines never read it: still done.
+    config.student.alpha = 0.9
+    config.student.temperature = 4.0
+    # The cross-entropy baselines never read them: still done.
     pipeline.run(config, copy, "variations_only,trusted_only,clean_reference")
     out = capsys.readouterr().out
     for stage in ("variations_only", "trusted_only", "clean_reference"):
         assert f"{stage}: done already" in out
-    # The student and kd_on_original distil with it: a finished one is refused, not reused.
+    # The student and kd_on_original distil with them: a finished one is refused, not reused.
     for stage in ("student", "kd_on_original"):
         with pytest.raises(StageConflict, match="student_corruption"):
             pipeline.run(config, copy, stage)
