@@ -67,6 +67,24 @@ class ImageDataset:
     def subset(self, indices: np.ndarray) -> ImageDataset:
         return ImageDataset(self.images[indices], self.labels[indices], self.class_names)
 
+    def concatenate(self, other: ImageDataset) -> ImageDataset:
+        """This dataset's samples followed by `other`'s (same image shape and classes)."""
+        if other.image_shape != self.image_shape:
+            raise DataError(
+                f"cannot join images of shape {other.image_shape} to images of shape "
+                f"{self.image_shape}"
+            )
+        if other.class_names != self.class_names:
+            raise DataError(
+                f"cannot join datasets with different classes: {other.class_names} and "
+                f"{self.class_names}"
+            )
+        return ImageDataset(
+            np.concatenate([self.images, other.images]),
+            np.concatenate([self.labels, other.labels]).astype(self.labels.dtype),
+            self.class_names,
+        )
+
     def fingerprint(self) -> str:
         """A hash of the pixels and labels: identifies this exact data in manifests."""
         digest = hashlib.sha256()

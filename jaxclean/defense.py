@@ -1,7 +1,8 @@
 """The classifiers of the method and its baselines, each a stage.
 
   teacher          cross-entropy on the poisoned training set (no defense)
-  student          the method: distillation from the teacher on the variations only
+  student          the method: distillation from the teacher on the variations (and, with
+                   student.include_trusted, the trusted split's own images)
   variations_only  cross-entropy on the variations, no teacher
   kd_on_original   the same distillation on the poisoned originals: is it regeneration, or
                    distillation, that removes the backdoor?
@@ -40,6 +41,11 @@ def validate_distillation(recipe) -> None:
         raise ConfigError(
             f"student.student_corruption {recipe.student_corruption} must be a probability "
             "in [0, 1]"
+        )
+    if recipe.get("include_trusted", False) and recipe.select == "best":
+        raise ConfigError(
+            "student.include_trusted trains on the trusted split, which student.select='best' "
+            "selects the weights on: use select='last'"
         )
 
 
@@ -87,6 +93,11 @@ def _teacher(exp: Experiment):
 def _distilled(exp: Experiment, name: str, dataset: ImageDataset, spec: dict) -> None:
     recipe = exp.config.student
     validate_distillation(recipe)
+    if recipe.get("include_trusted", False):
+        # The defender's own clean images, the ones the generator learnt from: real images
+        # beside the variations narrow the gap between what the student trains on and what it
+        # is tested on. The teacher labels them like the rest.
+        dataset = dataset.concatenate(exp.splits.trusted)
     teacher_model, teacher_variables = _teacher(exp)
     make_step = lambda model, augment: functools.partial(  # noqa: E731
         train.distill_step,
@@ -107,21 +118,23 @@ def _distilled(exp: Experiment, name: str, dataset: ImageDataset, spec: dict) ->
     )
 
 
-# The student recipe's fields that only distillation reads.
-_DISTILLATION_FIELDS = ("alpha", "temperature", "student_corruption")
+# The student recipe's fields that only distillation reads; those added after the first
+# records were made are recorded only when on.
+_LATER_DISTILLATION_FIELDS = ("student_corruption", "include_trusted")
+_DISTILLATION_FIELDS = ("alpha", "temperature", *_LATER_DISTILLATION_FIELDS)
 
 
 def _spec_recipe(recipe, *, distills: bool):
     """The student recipe as a stage's spec records it: the fields the stage reads.
 
     The cross-entropy baselines share the recipe but not its distillation fields, so changing
-    alpha, T or student_corruption must not retrain them. The distilled models record
-    student_corruption only when it is on, so that their records made before it existed stay
-    valid while it is off.
+    alpha, T, student_corruption or include_trusted must not retrain them. The distilled
+    models record the later fields only when they are on, so that their records made before
+    those fields existed stay valid while they are off.
     """
     recipe = recipe.to_dict()  # A copy, and unlocked (launch.py locks the config).
     if distills:
-        dropped = () if recipe.get("student_corruption", 0.0) else ("student_corruption",)
+        dropped = [field for field in _LATER_DISTILLATION_FIELDS if not recipe.get(field)]
     else:
         dropped = _DISTILLATION_FIELDS
     for field in dropped:
@@ -130,7 +143,7 @@ def _spec_recipe(recipe, *, distills: bool):
 
 
 def student_stage(exp: Experiment) -> None:
-    """The method: distill the teacher into a fresh classifier on the variations only."""
+    """The method: distill the teacher into a fresh classifier on the variations."""
     require_poison_plan(exp)
     validate_distillation(exp.config.student)
     load_classifier(exp, "teacher", exp.config.teacher, exp.splits.train.num_classes)

@@ -222,3 +222,23 @@ def test_trusted_split_too_large():
         data.balanced_holdout(labels, 20, 10, 0)
     with pytest.raises(data.DataError, match="fewer than"):
         data.balanced_holdout(np.zeros(20, int), 5, 2, 0)
+
+
+def test_concatenate_keeps_order_and_refuses_mismatches():
+    names = ("a", "b")
+    first = data.ImageDataset(np.zeros((2, 4, 4, 1), np.uint8), np.array([0, 1], np.int32), names)
+    second = data.ImageDataset(
+        np.ones((3, 4, 4, 1), np.uint8), np.array([1, 1, 0], np.int32), names
+    )
+    joined = first.concatenate(second)
+    assert len(joined) == 5 and joined.labels.dtype == np.int32
+    np.testing.assert_array_equal(joined.images[:, 0, 0, 0], [0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(joined.labels, [0, 1, 1, 1, 0])
+    other_size = data.ImageDataset(np.zeros((1, 5, 5, 1), np.uint8), np.zeros(1, np.int32), names)
+    with pytest.raises(data.DataError, match=r"shape \(5, 5, 1\)"):
+        first.concatenate(other_size)
+    other_classes = data.ImageDataset(
+        np.zeros((1, 4, 4, 1), np.uint8), np.zeros(1, np.int32), ("x", "y")
+    )
+    with pytest.raises(data.DataError, match="different classes"):
+        first.concatenate(other_classes)

@@ -14,7 +14,7 @@ import pytest
 from conftest import REPO, run_launch, smoke_args
 
 from configs import smoke
-from jaxclean import attacks, checkpointing, data, pipeline
+from jaxclean import attacks, checkpointing, data, defense, generation, pipeline
 from jaxclean.artifacts import StageConflict
 
 
@@ -197,6 +197,7 @@ def test_distillation_fields_retrain_only_the_distilled_models(full_run, idx_dir
     config.student.student_corruption = 0.5
     config.student.alpha = 0.9
     config.student.temperature = 4.0
+    config.student.include_trusted = True
     # The cross-entropy baselines never read them: still done.
     pipeline.run(config, copy, "variations_only,trusted_only,clean_reference")
     out = capsys.readouterr().out
@@ -206,6 +207,35 @@ def test_distillation_fields_retrain_only_the_distilled_models(full_run, idx_dir
     for stage in ("student", "kd_on_original"):
         with pytest.raises(StageConflict, match="student_corruption"):
             pipeline.run(config, copy, stage)
+
+
+@pytest.mark.slow
+def test_include_trusted_adds_the_trusted_images_to_the_distilled_models(
+    full_run, idx_dir, tmp_path, monkeypatch
+):
+    workdir, _ = full_run
+    copy = str(tmp_path / "copy")
+    shutil.copytree(workdir, copy)
+    trained = {}
+
+    def record(exp, name, dataset, recipe, spec, **kwargs):
+        trained[name] = (dataset, spec, exp)
+
+    monkeypatch.setattr(defense, "train_classifier", record)
+    config = smoke_config(idx_dir)
+    config.student.include_trusted = True
+    pipeline.run(config, copy, "student,kd_on_original,variations_only")
+    (student, spec, exp), (on_original, _, _) = trained["student"], trained["kd_on_original"]
+    variations = generation.load_variations(exp)
+    trusted = exp.splits.trusted
+    assert len(student) == len(variations) + len(trusted)
+    np.testing.assert_array_equal(student.images[len(variations) :], trusted.images)
+    np.testing.assert_array_equal(student.labels[len(variations) :], trusted.labels)
+    np.testing.assert_array_equal(student.images[: len(variations)], variations.images)
+    assert spec["student"]["include_trusted"] is True
+    assert len(on_original) == len(exp.poisoned_train) + len(trusted)
+    # The cross-entropy baseline on the variations is unchanged by it.
+    assert len(trained["variations_only"][0]) == len(variations)
 
 
 @pytest.mark.slow
@@ -276,6 +306,11 @@ def test_poison_plan_that_would_differ_is_refused(idx_dir, tmp_path):
             lambda c: setattr(c.student, "student_corruption", 1.5),
             pipeline.ConfigError,
             r"student.student_corruption 1.5",
+        ),
+        (
+            lambda c: c.student.update(include_trusted=True, select="best"),
+            pipeline.ConfigError,
+            r"include_trusted trains on the trusted split",
         ),
         (
             lambda c: setattr(c.generator.encoder, "corruption", 1.5),
