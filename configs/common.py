@@ -64,9 +64,7 @@ def student_recipe(recipe: ml_collections.ConfigDict | None = None) -> ml_collec
     overridden from the command line.
     """
     recipe = classifier_recipe() if recipe is None else recipe
-    recipe.update(
-        dict(alpha=0.5, temperature=10.0, student_corruption=0.0, include_trusted=False)
-    )
+    recipe.update(dict(alpha=0.5, temperature=10.0, student_corruption=0.0, include_trusted=False))
     return recipe
 
 
