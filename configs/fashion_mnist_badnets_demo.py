@@ -3,7 +3,8 @@
   python launch.py --config configs/fashion_mnist_badnets_demo.py --workdir runs/demo \
       --cpu_devices=2
 
-Differs from configs/fashion_mnist_badnets.py in size only, to fit 20 minutes on 2 cores:
+Differs from configs/fashion_mnist_badnets.py in size and sampler steps, to fit 20 minutes on
+2 cores:
   - the first 5,000 images of the training split instead of all 50,000 (data.train_subset, taken
     after the trusted split is carved out, so the shipped generator's provenance still holds);
   - every classifier: 5 epochs (decay after 4) at batch 32 instead of 6 epochs (decay after 4
