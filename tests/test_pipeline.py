@@ -62,6 +62,8 @@ def test_launch_runs_every_stage_and_reports(full_run):
     for key in (
         "trigger_learnability/asr_trained_on_variations",
         "trigger_learnability/asr_label_noise_reference",
+        "trigger_learnability/asr0_trained_on_variations",
+        "trigger_learnability/asr0_clean_model",
         "content_kept/teacher_accuracy_on_variations",
         "artefact_activation/target_rate_on_variations",
         "trigger_survival/difference",
