@@ -325,4 +325,8 @@ def base_config(data, attack) -> ml_collections.ConfigDict:
     config.generator = generator_config()
     config.regenerate = regenerate_config()
     config.diagnostics = diagnostics_config()
+    # "" or the workdir of a finished run on the same data (another attack, say): its
+    # clean_reference and trusted_only, which see no poisoned image, are adopted and evaluated
+    # against this run's attack instead of trained again.
+    config.reuse_attack_free_from = ""
     return config

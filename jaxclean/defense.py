@@ -21,7 +21,7 @@ import os
 import jax
 
 from jaxclean import generation, regenerate, sharding, train
-from jaxclean.artifacts import read_json
+from jaxclean.artifacts import differences, read_json, to_jsonable
 from jaxclean.data import ImageDataset
 from jaxclean.experiment import (
     ConfigError,
@@ -172,19 +172,43 @@ def variations_only_stage(exp: Experiment) -> None:
 
 def trusted_only_stage(exp: Experiment) -> None:
     """Baseline: a classifier trained on the trusted split alone."""
-    spec = {
-        **exp.data_spec(),
-        "student": _spec_recipe(exp.config.student, distills=False),
-        "attack_for_eval": exp.config.attack,
-    }
-    train_classifier(exp, "trusted_only", exp.splits.trusted, exp.config.student, spec)
+    _attack_free_classifier(exp, "trusted_only", exp.splits.trusted)
 
 
 def clean_reference_stage(exp: Experiment) -> None:
     """Reference: the same training images without poison; the floor for ASR."""
-    spec = {
-        **exp.data_spec(),
-        "student": _spec_recipe(exp.config.student, distills=False),
-        "attack_for_eval": exp.config.attack,
-    }
-    train_classifier(exp, "clean_reference", exp.splits.train, exp.config.student, spec)
+    _attack_free_classifier(exp, "clean_reference", exp.splits.train)
+
+
+def _attack_free_classifier(exp: Experiment, name: str, dataset: ImageDataset) -> None:
+    """A classifier that sees no poisoned image: the attack only enters its evaluation.
+
+    So two runs on the same data with different attacks train the same model, and with
+    config.reuse_attack_free_from (the other run's workdir) the second adopts the first's
+    weights and only evaluates them against its own attack.
+    """
+    training = {**exp.data_spec(), "student": _spec_recipe(exp.config.student, distills=False)}
+    spec = {**training, "attack_for_eval": exp.config.attack}
+    source = exp.config.get("reuse_attack_free_from", "")
+    done_here = os.path.exists(os.path.join(exp.workdir, name, "done.json"))
+    adopt = _adoptable_stage(source, name, training) if source and not done_here else ""
+    train_classifier(exp, name, dataset, exp.config.student, spec, adopt_from=adopt)
+
+
+def _adoptable_stage(source: str, name: str, training: dict) -> str:
+    """`source`'s finished `name` stage, refused unless it was trained as `training` says."""
+    directory = os.path.join(source, name)
+    if not os.path.exists(os.path.join(directory, "done.json")):
+        raise ConfigError(
+            f"reuse_attack_free_from: no finished {name} in {source}; run it there first, "
+            "or leave reuse_attack_free_from empty to train it here"
+        )
+    theirs = read_json(os.path.join(directory, "spec.json"))
+    theirs.pop("attack_for_eval", None)
+    changes = differences(theirs, to_jsonable(training))
+    if changes:
+        raise ConfigError(
+            f"reuse_attack_free_from: {directory} was trained otherwise than this run's "
+            f"{name} ({'; '.join(changes[:8])})"
+        )
+    return directory

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import time
 from collections.abc import Callable
 
 import jax
@@ -125,6 +126,7 @@ def train_classifier(
     make_step: Callable | None = None,
     extra_args: tuple = (),
     report_section: str = "models",
+    adopt_from: str = "",
 ) -> dict | None:
     """Trains one classifier as a stage, exports its weights, evaluates and reports it.
 
@@ -138,6 +140,8 @@ def train_classifier(
       extra_args: replicated arguments passed to the step before the batch (the teacher).
       report_section: where results.json lists it: "models", or "diagnostics" for helper
         classifiers that are measurements rather than defenses.
+      adopt_from: the stage directory of the same classifier, trained the same way, in another
+        workdir (the caller checks that): its weights are copied and evaluated, not retrained.
 
     Returns:
       The evaluation metrics (read back from the stage's record when it was already done).
@@ -155,6 +159,22 @@ def train_classifier(
     record.claim()
     mesh = exp.mesh
     model = make_classifier(recipe.model, dataset.num_classes, width=recipe.width)
+    if adopt_from:
+        started = time.perf_counter()
+        variables = checkpointing.load_tree(os.path.join(adopt_from, "model"))
+        checkpointing.save_tree(record.path("model"), variables)
+        log(f"{name}: adopted the weights of {adopt_from}")
+        return _evaluate_and_record(
+            exp,
+            record,
+            name,
+            model,
+            variables,
+            recipe,
+            report_section,
+            timing={"wall_seconds": round(time.perf_counter() - started, 1)},
+            outputs={"adopted_from": os.path.abspath(adopt_from)},
+        )
     steps_per_epoch = len(dataset) // recipe.batch_size
     tx, schedule = train.make_optimizer(recipe, steps_per_epoch)
     state = train.create_train_state(
@@ -213,19 +233,38 @@ def train_classifier(
     if recipe.select == "best" and os.path.isdir(record.path("best")):
         variables = checkpointing.load_tree(record.path("best"), variables)
     checkpointing.save_tree(record.path("model"), jax.device_get(variables))
-    metrics = evaluate.evaluate_classifier(
-        predict_fn, variables, exp.splits.test, exp.triggered, recipe.eval_batch_size, mesh
+    return _evaluate_and_record(
+        exp,
+        record,
+        name,
+        model,
+        variables,
+        recipe,
+        report_section,
+        timing={
+            "wall_seconds": round(result.wall_seconds, 1),
+            "train_images_per_second": round(result.images_per_second, 1),
+        },
+        outputs={"final_step": int(result.state.step)},
     )
-    metrics["wall_seconds"] = round(result.wall_seconds, 1)
-    metrics["train_images_per_second"] = round(result.images_per_second, 1)
+
+
+def _evaluate_and_record(
+    exp, record, name, model, variables, recipe, report_section, *, timing, outputs
+) -> dict:
+    """Evaluates exported weights, reports them and marks the stage done."""
+    predict_fn = train.make_predict_fn(model.apply, exp.mesh)
+    metrics = evaluate.evaluate_classifier(
+        predict_fn, variables, exp.splits.test, exp.triggered, recipe.eval_batch_size, exp.mesh
+    )
+    metrics.update(timing)
     if exp.is_writer:
         report.update_results(
             exp.workdir, experiment=experiment_summary(exp), **{report_section: {name: metrics}}
         )
-        record.mark_done({"metrics": metrics, "final_step": int(result.state.step)})
-    exp.writer.write_scalars(
-        int(result.state.step), {f"eval/{name}/{k}": v for k, v in metrics.items()}
-    )
+        record.mark_done({"metrics": metrics, **outputs})
+    step = outputs.get("final_step", 0)
+    exp.writer.write_scalars(step, {f"eval/{name}/{k}": v for k, v in metrics.items()})
     exp.writer.flush()
     log(f"{name}: " + ", ".join(f"{k}={v}" for k, v in metrics.items()))
     return metrics

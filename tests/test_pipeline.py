@@ -527,3 +527,41 @@ def test_variations_of_another_attack_are_reused_where_the_images_agree(
     missing = _blended_reusing(idx_dir, workdir, str(tmp_path / "nowhere"))
     with pytest.raises(pipeline.ConfigError, match="holds no finished variations"):
         pipeline.run(missing, str(tmp_path / "missing"), "generator,regenerate")
+
+
+@pytest.mark.slow
+def test_attack_free_classifiers_of_another_attack_are_adopted_not_retrained(
+    full_run, idx_dir, tmp_path
+):
+    """clean_reference and trusted_only see no poisoned image: a Blended run adopts the BadNets
+    run's weights, evaluates them against the blend, and matches a Blended run that trained
+    them itself."""
+    workdir, _ = full_run
+    stages = "clean_reference,trusted_only"
+    adopting, fresh = str(tmp_path / "adopting"), str(tmp_path / "fresh")
+    config = _blended_reusing(idx_dir, workdir)
+    config.reuse_attack_free_from = workdir
+    adopted = pipeline.run(config, adopting, stages)["models"]
+    trained = pipeline.run(_blended_reusing(idx_dir, workdir), fresh, stages)["models"]
+    source = json.load(open(os.path.join(workdir, "report", "results.json")))["models"]
+    for name in ("clean_reference", "trusted_only"):
+        assert not os.path.exists(os.path.join(adopting, name, "checkpoints"))
+        done = json.load(open(os.path.join(adopting, name, "done.json")))
+        assert done["adopted_from"] == os.path.abspath(os.path.join(workdir, name))
+        ours = checkpointing.load_tree(os.path.join(adopting, name, "model"))
+        theirs = checkpointing.load_tree(os.path.join(workdir, name, "model"))
+        jax.tree.map(np.testing.assert_array_equal, ours, theirs)
+        for metric in ("clean_accuracy", "attack_success_rate", "robust_accuracy"):
+            assert adopted[name][metric] == trained[name][metric], (name, metric)
+        # The same weights: the same clean accuracy.
+        assert adopted[name]["clean_accuracy"] == source[name]["clean_accuracy"]
+
+    otherwise = _blended_reusing(idx_dir, workdir)
+    otherwise.reuse_attack_free_from = workdir
+    otherwise.student.num_epochs += 1
+    with pytest.raises(pipeline.ConfigError, match="trained otherwise.*num_epochs"):
+        pipeline.run(otherwise, str(tmp_path / "otherwise"), "clean_reference")
+    nowhere = _blended_reusing(idx_dir, workdir)
+    nowhere.reuse_attack_free_from = str(tmp_path / "nowhere")
+    with pytest.raises(pipeline.ConfigError, match="no finished clean_reference"):
+        pipeline.run(nowhere, str(tmp_path / "nowhere_run"), "clean_reference")
