@@ -190,7 +190,7 @@ def _attack_free_classifier(exp: Experiment, name: str, dataset: ImageDataset) -
     training = {**exp.data_spec(), "student": _spec_recipe(exp.config.student, distills=False)}
     spec = {**training, "attack_for_eval": exp.config.attack}
     source = exp.config.get("reuse_attack_free_from", "")
-    done_here = os.path.exists(os.path.join(exp.workdir, name, "done.json"))
+    done_here = exp.record(name, spec).is_done()
     adopt = _adoptable_stage(source, name, training) if source and not done_here else ""
     train_classifier(exp, name, dataset, exp.config.student, spec, adopt_from=adopt)
 

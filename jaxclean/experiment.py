@@ -157,24 +157,39 @@ def train_classifier(
             report.update_results(exp.workdir, **{report_section: {name: metrics}})
         return metrics
     record.claim()
-    mesh = exp.mesh
     model = make_classifier(recipe.model, dataset.num_classes, width=recipe.width)
+    # One predict function for the "best" selection during training and the final evaluation.
+    predict_fn = train.make_predict_fn(model.apply, exp.mesh)
     if adopt_from:
         started = time.perf_counter()
         variables = checkpointing.load_tree(os.path.join(adopt_from, "model"))
-        checkpointing.save_tree(record.path("model"), variables)
         log(f"{name}: adopted the weights of {adopt_from}")
-        return _evaluate_and_record(
-            exp,
-            record,
-            name,
-            model,
-            variables,
-            recipe,
-            report_section,
-            timing={"wall_seconds": round(time.perf_counter() - started, 1)},
-            outputs={"adopted_from": os.path.abspath(adopt_from)},
+        timing = {"wall_seconds": round(time.perf_counter() - started, 1)}
+        outputs = {"adopted_from": os.path.abspath(adopt_from)}
+    else:
+        variables, timing, outputs = _fit_classifier(
+            exp, record, name, model, predict_fn, dataset, recipe, make_step, extra_args
         )
+    checkpointing.save_tree(record.path("model"), jax.device_get(variables))
+    metrics = evaluate.evaluate_classifier(
+        predict_fn, variables, exp.splits.test, exp.triggered, recipe.eval_batch_size, exp.mesh
+    )
+    metrics.update(timing)
+    if exp.is_writer:
+        report.update_results(
+            exp.workdir, experiment=experiment_summary(exp), **{report_section: {name: metrics}}
+        )
+        record.mark_done({"metrics": metrics, **outputs})
+    step = outputs.get("final_step", 0)
+    exp.writer.write_scalars(step, {f"eval/{name}/{k}": v for k, v in metrics.items()})
+    exp.writer.flush()
+    log(f"{name}: " + ", ".join(f"{k}={v}" for k, v in metrics.items()))
+    return metrics
+
+
+def _fit_classifier(exp, record, name, model, predict_fn, dataset, recipe, make_step, extra_args):
+    """Trains (or resumes) one classifier; returns its final weights, timing and record fields."""
+    mesh = exp.mesh
     steps_per_epoch = len(dataset) // recipe.batch_size
     tx, schedule = train.make_optimizer(recipe, steps_per_epoch)
     state = train.create_train_state(
@@ -192,7 +207,6 @@ def train_classifier(
         step_fn = make_step(model, augment)
     jitted = train.jit_step(step_fn, mesh, num_static_args=len(extra_args))
     step = (lambda s, b, r: jitted(s, *extra_args, b, r)) if extra_args else jitted
-    predict_fn = train.make_predict_fn(model.apply, mesh)
     best = {"accuracy": -1.0}
 
     def on_epoch_end(epoch: int, state: train.TrainState) -> None:
@@ -232,42 +246,11 @@ def train_classifier(
     variables = result.state.variables
     if recipe.select == "best" and os.path.isdir(record.path("best")):
         variables = checkpointing.load_tree(record.path("best"), variables)
-    checkpointing.save_tree(record.path("model"), jax.device_get(variables))
-    return _evaluate_and_record(
-        exp,
-        record,
-        name,
-        model,
-        variables,
-        recipe,
-        report_section,
-        timing={
-            "wall_seconds": round(result.wall_seconds, 1),
-            "train_images_per_second": round(result.images_per_second, 1),
-        },
-        outputs={"final_step": int(result.state.step)},
-    )
-
-
-def _evaluate_and_record(
-    exp, record, name, model, variables, recipe, report_section, *, timing, outputs
-) -> dict:
-    """Evaluates exported weights, reports them and marks the stage done."""
-    predict_fn = train.make_predict_fn(model.apply, exp.mesh)
-    metrics = evaluate.evaluate_classifier(
-        predict_fn, variables, exp.splits.test, exp.triggered, recipe.eval_batch_size, exp.mesh
-    )
-    metrics.update(timing)
-    if exp.is_writer:
-        report.update_results(
-            exp.workdir, experiment=experiment_summary(exp), **{report_section: {name: metrics}}
-        )
-        record.mark_done({"metrics": metrics, **outputs})
-    step = outputs.get("final_step", 0)
-    exp.writer.write_scalars(step, {f"eval/{name}/{k}": v for k, v in metrics.items()})
-    exp.writer.flush()
-    log(f"{name}: " + ", ".join(f"{k}={v}" for k, v in metrics.items()))
-    return metrics
+    timing = {
+        "wall_seconds": round(result.wall_seconds, 1),
+        "train_images_per_second": round(result.images_per_second, 1),
+    }
+    return variables, timing, {"final_step": int(result.state.step)}
 
 
 def load_classifier(exp: Experiment, name: str, recipe, num_classes: int):
