@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import REPO, run_launch, smoke_args
 
-from configs import smoke
+from configs import common, smoke
 from jaxclean import attacks, checkpointing, data, defense, generation, pipeline
 from jaxclean.artifacts import StageConflict
 
@@ -200,15 +200,40 @@ def test_distillation_fields_retrain_only_the_distilled_models(full_run, idx_dir
     config.student.alpha = 0.9
     config.student.temperature = 4.0
     config.student.include_trusted = True
-    # The cross-entropy baselines never read them: still done.
-    pipeline.run(config, copy, "variations_only,trusted_only,clean_reference")
-    out = capsys.readouterr().out
-    for stage in ("variations_only", "trusted_only", "clean_reference"):
-        assert f"{stage}: done already" in out
     # The student and kd_on_original distil with them: a finished one is refused, not reused.
     for stage in ("student", "kd_on_original"):
         with pytest.raises(StageConflict, match="student_corruption"):
             pipeline.run(config, copy, stage)
+    # The cross-entropy baselines read the student's corruption as their own...
+    for stage in ("variations_only", "trusted_only", "clean_reference"):
+        with pytest.raises(StageConflict, match="corruption"):
+            pipeline.run(config, copy, stage)
+    # ... and nothing else of distillation: without it they are still done.
+    config.student.corrupt_baselines = False
+    pipeline.run(config, copy, "variations_only,trusted_only,clean_reference")
+    out = capsys.readouterr().out
+    for stage in ("variations_only", "trusted_only", "clean_reference"):
+        assert f"{stage}: done already" in out
+
+
+def test_baselines_read_their_images_through_the_students_corruption():
+    recipe = common.student_recipe(common.classifier_recipe())
+    plain_spec = defense._spec_recipe(defense.baseline_recipe(recipe), distills=False)
+    # Off by default (student_corruption 0): the spec is the one records were made with.
+    assert "corruption" not in plain_spec and "corrupt_baselines" not in plain_spec
+    recipe.student_corruption = 0.5
+    baseline = defense.baseline_recipe(recipe)
+    assert baseline.corruption == 0.5
+    assert "corruption" not in recipe  # The student's own recipe is not changed.
+    spec = defense._spec_recipe(baseline, distills=False)
+    assert spec == {**plain_spec, "corruption": 0.5}
+    # The distilled models corrupt through student_corruption; corrupt_baselines is not theirs.
+    assert "corrupt_baselines" not in defense._spec_recipe(recipe, distills=True)
+    explicit = defense.baseline_recipe(common.student_recipe(common.classifier_recipe()))
+    explicit.update(dict(corruption=0.25, student_corruption=0.5))
+    assert defense.baseline_recipe(explicit).corruption == 0.25
+    recipe.corrupt_baselines = False
+    assert defense._spec_recipe(defense.baseline_recipe(recipe), distills=False) == plain_spec
 
 
 @pytest.mark.slow
@@ -238,6 +263,33 @@ def test_include_trusted_adds_the_trusted_images_to_the_distilled_models(
     assert len(on_original) == len(exp.poisoned_train) + len(trusted)
     # The cross-entropy baseline on the variations is unchanged by it.
     assert len(trained["variations_only"][0]) == len(variations)
+
+
+@pytest.mark.slow
+def test_the_baselines_train_through_the_students_corruption(
+    full_run, idx_dir, tmp_path, monkeypatch
+):
+    workdir, _ = full_run
+    copy = str(tmp_path / "copy")
+    shutil.copytree(workdir, copy)
+    for name in ("variations_only", "trusted_only", "clean_reference"):
+        shutil.rmtree(os.path.join(copy, name))  # Made without the corruption.
+    recipes = {}
+    monkeypatch.setattr(
+        defense,
+        "train_classifier",
+        lambda exp, name, dataset, recipe, spec, **kwargs: recipes.update({name: recipe}),
+    )
+    config = smoke_config(idx_dir)
+    config.student.student_corruption = 0.5
+    pipeline.run(
+        config, copy, "student,kd_on_original,variations_only,trusted_only,clean_reference"
+    )
+    for name in ("variations_only", "trusted_only", "clean_reference"):
+        assert recipes[name].corruption == 0.5, name
+    # The distilled models' own copy is corrupted in the distillation step, not twice.
+    for name in ("student", "kd_on_original"):
+        assert recipes[name].get("corruption", 0.0) == 0.0, name
 
 
 @pytest.mark.slow
