@@ -161,10 +161,10 @@ def baseline_recipe(recipe) -> ml_collections.ConfigDict:
     `corruption` of the recipe is kept; corrupt_baselines=False gives the clean-image recipe.
     """
     recipe = ml_collections.ConfigDict(recipe.to_dict())
-    students = recipe.get("student_corruption", 0.0) if recipe.get("corrupt_baselines", True) else 0
-    if students and not recipe.get("corruption", 0.0):
+    shared = recipe.get("corrupt_baselines", True) and recipe.get("student_corruption", 0.0)
+    if shared and not recipe.get("corruption", 0.0):
         # Set only when on, so that records made before it existed stay valid without it.
-        recipe.corruption = students
+        recipe.corruption = shared
     return recipe
 
 

@@ -7,6 +7,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -229,7 +230,7 @@ def test_baselines_read_their_images_through_the_students_corruption():
     assert spec == {**plain_spec, "corruption": 0.5}
     # The distilled models corrupt through student_corruption; corrupt_baselines is not theirs.
     assert "corrupt_baselines" not in defense._spec_recipe(recipe, distills=True)
-    explicit = defense.baseline_recipe(common.student_recipe(common.classifier_recipe()))
+    explicit = common.student_recipe(common.classifier_recipe())
     explicit.update(dict(corruption=0.25, student_corruption=0.5))
     assert defense.baseline_recipe(explicit).corruption == 0.25
     recipe.corrupt_baselines = False
@@ -243,26 +244,32 @@ def test_include_trusted_adds_the_trusted_images_to_the_distilled_models(
     workdir, _ = full_run
     copy = str(tmp_path / "copy")
     shutil.copytree(workdir, copy)
-    trained = {}
-
-    def record(exp, name, dataset, recipe, spec, **kwargs):
-        trained[name] = (dataset, spec, exp)
-
-    monkeypatch.setattr(defense, "train_classifier", record)
+    trained = _record_training(monkeypatch)
     config = smoke_config(idx_dir)
     config.student.include_trusted = True
     pipeline.run(config, copy, "student,kd_on_original,variations_only")
-    (student, spec, exp), (on_original, _, _) = trained["student"], trained["kd_on_original"]
+    student, exp = trained["student"].dataset, trained["student"].exp
     variations = generation.load_variations(exp)
     trusted = exp.splits.trusted
     assert len(student) == len(variations) + len(trusted)
     np.testing.assert_array_equal(student.images[len(variations) :], trusted.images)
     np.testing.assert_array_equal(student.labels[len(variations) :], trusted.labels)
     np.testing.assert_array_equal(student.images[: len(variations)], variations.images)
-    assert spec["student"]["include_trusted"] is True
-    assert len(on_original) == len(exp.poisoned_train) + len(trusted)
+    assert trained["student"].spec["student"]["include_trusted"] is True
+    assert len(trained["kd_on_original"].dataset) == len(exp.poisoned_train) + len(trusted)
     # The cross-entropy baseline on the variations is unchanged by it.
-    assert len(trained["variations_only"][0]) == len(variations)
+    assert len(trained["variations_only"].dataset) == len(variations)
+
+
+def _record_training(monkeypatch) -> dict:
+    """Replaces the defense stages' training with a record of each call, by model name."""
+    calls = {}
+
+    def record(exp, name, dataset, recipe, spec, **kwargs):
+        calls[name] = types.SimpleNamespace(exp=exp, dataset=dataset, recipe=recipe, spec=spec)
+
+    monkeypatch.setattr(defense, "train_classifier", record)
+    return calls
 
 
 @pytest.mark.slow
@@ -274,22 +281,17 @@ def test_the_baselines_train_through_the_students_corruption(
     shutil.copytree(workdir, copy)
     for name in ("variations_only", "trusted_only", "clean_reference"):
         shutil.rmtree(os.path.join(copy, name))  # Made without the corruption.
-    recipes = {}
-    monkeypatch.setattr(
-        defense,
-        "train_classifier",
-        lambda exp, name, dataset, recipe, spec, **kwargs: recipes.update({name: recipe}),
-    )
+    trained = _record_training(monkeypatch)
     config = smoke_config(idx_dir)
     config.student.student_corruption = 0.5
     pipeline.run(
         config, copy, "student,kd_on_original,variations_only,trusted_only,clean_reference"
     )
     for name in ("variations_only", "trusted_only", "clean_reference"):
-        assert recipes[name].corruption == 0.5, name
+        assert trained[name].recipe.corruption == 0.5, name
     # The distilled models' own copy is corrupted in the distillation step, not twice.
     for name in ("student", "kd_on_original"):
-        assert recipes[name].get("corruption", 0.0) == 0.0, name
+        assert trained[name].recipe.get("corruption", 0.0) == 0.0, name
 
 
 @pytest.mark.slow
