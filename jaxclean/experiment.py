@@ -127,6 +127,7 @@ def train_classifier(
     extra_args: tuple = (),
     report_section: str = "models",
     adopt_from: str = "",
+    seed: int | None = None,
 ) -> dict | None:
     """Trains one classifier as a stage, exports its weights, evaluates and reports it.
 
@@ -142,6 +143,8 @@ def train_classifier(
         classifiers that are measurements rather than defenses.
       adopt_from: the stage directory of the same classifier, trained the same way, in another
         workdir (the caller checks that): its weights are copied and evaluated, not retrained.
+      seed: of its initialisation and data order (default: config.seed); a repeat of the same
+        classifier under another seed needs its own name and a spec that names the seed.
 
     Returns:
       The evaluation metrics (read back from the stage's record when it was already done).
@@ -167,8 +170,9 @@ def train_classifier(
         timing = {"wall_seconds": round(time.perf_counter() - started, 1)}
         outputs = {"adopted_from": os.path.abspath(adopt_from)}
     else:
+        seed = exp.config.seed if seed is None else seed
         variables, timing, outputs = _fit_classifier(
-            exp, record, name, model, predict_fn, dataset, recipe, make_step, extra_args
+            exp, record, name, model, predict_fn, dataset, recipe, make_step, extra_args, seed
         )
     checkpointing.save_tree(record.path("model"), jax.device_get(variables))
     metrics = evaluate.evaluate_classifier(
@@ -187,14 +191,14 @@ def train_classifier(
     return metrics
 
 
-def _fit_classifier(exp, record, name, model, predict_fn, dataset, recipe, make_step, extra_args):
+def _fit_classifier(
+    exp, record, name, model, predict_fn, dataset, recipe, make_step, extra_args, seed
+):
     """Trains (or resumes) one classifier; returns its final weights, timing and record fields."""
     mesh = exp.mesh
     steps_per_epoch = len(dataset) // recipe.batch_size
     tx, schedule = train.make_optimizer(recipe, steps_per_epoch)
-    state = train.create_train_state(
-        model, tx, dataset.image_shape, jax.random.key(exp.config.seed), mesh
-    )
+    state = train.create_train_state(model, tx, dataset.image_shape, jax.random.key(seed), mesh)
     augment = train.Augment(
         crop_padding=recipe.crop_padding,
         flip=recipe.flip,
@@ -231,7 +235,7 @@ def _fit_classifier(exp, record, name, model, predict_fn, dataset, recipe, make_
         dataset,
         batch_size=recipe.batch_size,
         num_epochs=recipe.num_epochs,
-        seed=exp.config.seed,
+        seed=seed,
         mesh=mesh,
         checkpoint_dir=record.path("checkpoints"),
         schedule=schedule,

@@ -65,6 +65,7 @@ def test_launch_runs_every_stage_and_reports(full_run):
         "trigger_learnability/asr_label_noise_reference",
         "trigger_learnability/asr0_trained_on_variations",
         "trigger_learnability/asr0_clean_model",
+        "trigger_learnability/asr_clean_variations",
         "content_kept/teacher_accuracy_on_variations",
         "artefact_activation/target_rate_on_variations",
         "trigger_survival/difference",
@@ -217,6 +218,50 @@ def test_distillation_fields_retrain_only_the_distilled_models(full_run, idx_dir
         assert f"{stage}: done already" in out
 
 
+def test_seed_summary_keeps_the_first_seed_and_adds_mean_and_spread():
+    runs = [
+        {"attack_success_rate": 0.01, "untriggered_target_rate": 0.03},
+        {"attack_success_rate": 0.04, "untriggered_target_rate": 0.03},
+    ]
+    summary = generation.seed_summary("x", runs)
+    assert summary["trigger_learnability/asr_x"] == 0.01
+    assert summary["trigger_learnability/asr_x_mean"] == pytest.approx(0.025)
+    assert summary["trigger_learnability/asr_x_std"] == pytest.approx(0.015)
+    assert summary["trigger_learnability/asr0_x_std"] == pytest.approx(0.0)
+    # One seed: no spread to report; a record without ASR0 (older runs): none claimed.
+    single = generation.seed_summary("x", [{"attack_success_rate": 0.02}])
+    assert single == {"trigger_learnability/asr_x": 0.02}
+
+
+@pytest.mark.slow
+def test_learnability_repeats_under_other_seeds_keep_the_first(full_run, idx_dir, tmp_path, capsys):
+    workdir, _ = full_run
+    copy = str(tmp_path / "copy")
+    shutil.copytree(workdir, copy)
+    config = smoke_config(idx_dir)
+    config.diagnostics.learnability_seeds = 2
+    pipeline.run(config, copy, "diagnostics")
+    out = capsys.readouterr().out
+    # The first seed's classifiers are the finished ones; only the repeats train.
+    assert "learnability/variations: done already" in out
+    assert "learnability/clean_originals: done already" in out
+    assert "learnability/variations_seed1: training" in out
+    results = json.load(open(os.path.join(copy, "report", "results.json")))["diagnostics"]
+    for label in ("trained_on_variations", "label_noise_reference", "clean_variations"):
+        for suffix in ("", "_mean", "_std"):
+            assert f"variations/trigger_learnability/asr_{label}{suffix}" in results
+    assert "learnability/variations_seed1" in results
+    # Another seed is another model, not a copy of the first.
+    first_params = checkpointing.load_tree(os.path.join(copy, "learnability/variations/model"))
+    second_params = checkpointing.load_tree(
+        os.path.join(copy, "learnability/variations_seed1/model")
+    )
+    assert not all(
+        np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(first_params), jax.tree.leaves(second_params))
+    )
+
+
 def test_baselines_read_their_images_through_the_students_corruption():
     recipe = common.student_recipe(common.classifier_recipe())
     plain_spec = defense._spec_recipe(defense.baseline_recipe(recipe), distills=False)
@@ -350,6 +395,11 @@ def test_poison_plan_that_would_differ_is_refused(idx_dir, tmp_path):
         (lambda c: setattr(c.regenerate, "strength", 0.0), pipeline.ConfigError, "strength"),
         (lambda c: setattr(c.regenerate, "strength", 1.2), pipeline.ConfigError, "strength"),
         (lambda c: setattr(c.regenerate, "steps", 0), pipeline.ConfigError, "steps"),
+        (
+            lambda c: setattr(c.diagnostics, "learnability_seeds", 0),
+            pipeline.ConfigError,
+            r"diagnostics.learnability_seeds must be an integer >= 1, got 0",
+        ),
         (
             lambda c: setattr(c.generator, "train_split", "test"),
             pipeline.ConfigError,
