@@ -603,11 +603,11 @@ def _trigger_learnability(exp: Experiment) -> dict:
     variations with their true labels: a clean model's ASR is the floor, since some non-target
     images look like the target to any model. And with a label-noise reference, trained on the
     variations of the unpoisoned images with the same rate of them relabelled to the target:
-    the poisoned labels alone raise a model's target
-    rate on inputs it cannot classify, with no trigger anywhere in its data (Fashion-MNIST
-    Blended, variations without the black level: 0.136 against 0.147 for the variations; these
-    small models classify a fifth of the triggered images right). What the trigger adds to that
-    is what the regeneration failed to remove.
+    the poisoned labels alone raise a model's target rate on inputs it cannot classify, with no
+    trigger anywhere in its data (Fashion-MNIST Blended, variations without the black level:
+    0.136 against 0.147 for the variations; these small models classify a fifth of the
+    triggered images right). What the trigger adds to that is what the regeneration failed to
+    remove.
     """
     require_poison_plan(exp)
     recipe = exp.config.diagnostics.learnability
