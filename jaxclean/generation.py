@@ -36,7 +36,7 @@ EXPORT_FILE = "model.msgpack"  # The generator's weights in one portable file.
 
 
 def validate_config(config) -> None:
-    """Generator and sampler settings that are wrong whatever the data."""
+    """Generator, sampler and diagnostics settings that are wrong whatever the data."""
     if config.generator.name not in GENERATORS:
         raise ConfigError(f"unknown generator {config.generator.name!r}; known: {GENERATORS}")
     if config.generator.name in sd.HUB_GENERATORS:
@@ -658,7 +658,8 @@ def _trigger_learnability(exp: Experiment) -> dict:
                 stage if k == 0 else f"{stage}_seed{k}",
                 dataset,
                 recipe,
-                spec if k == 0 else {**spec, "seed": exp.config.seed + k},
+                # Its own key: the spec's "seed" is the experiment's (data split, poison plan).
+                spec if k == 0 else {**spec, "classifier_seed": exp.config.seed + k},
                 report_section="diagnostics",
                 seed=exp.config.seed + k,
             )

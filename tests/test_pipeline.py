@@ -251,6 +251,9 @@ def test_learnability_repeats_under_other_seeds_keep_the_first(full_run, idx_dir
         for suffix in ("", "_mean", "_std"):
             assert f"variations/trigger_learnability/asr_{label}{suffix}" in results
     assert "learnability/variations_seed1" in results
+    # The repeat names its own seed beside the experiment's, which it keeps.
+    spec = json.load(open(os.path.join(copy, "learnability/variations_seed1/spec.json")))
+    assert (spec["seed"], spec["classifier_seed"]) == (0, 1)
     # Another seed is another model, not a copy of the first.
     first_params = checkpointing.load_tree(os.path.join(copy, "learnability/variations/model"))
     second_params = checkpointing.load_tree(
