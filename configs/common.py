@@ -60,7 +60,9 @@ def student_recipe(recipe: ml_collections.ConfigDict | None = None) -> ml_collec
     alpha and T as in the paper; student_corruption (the Noisy-Student corruption of the
     student's input, `train.distill_step`) off; include_trusted (the distilled models also
     train on the trusted split's own images, `defense._distilled`) off: the paper's student
-    sees the variations only; corrupt_baselines on: the cross-entropy baselines read their
+    sees the variations only; teacher_prior_correction (the teacher's logits re-based from its
+    training set's label prior to the trusted split's, `train.teacher_prior_correction`) off;
+    corrupt_baselines on: the cross-entropy baselines read their
     images through the student's corruption (`defense.baseline_recipe`), like-for-like. Every
     config's student is built here, so each field exists to be overridden from the command line.
     """
@@ -71,6 +73,7 @@ def student_recipe(recipe: ml_collections.ConfigDict | None = None) -> ml_collec
             temperature=10.0,
             student_corruption=0.0,
             include_trusted=False,
+            teacher_prior_correction=False,
             corrupt_baselines=True,
         )
     )

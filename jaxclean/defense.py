@@ -103,6 +103,11 @@ def _distilled(exp: Experiment, name: str, dataset: ImageDataset, spec: dict) ->
         # is tested on. The teacher labels them like the rest.
         dataset = dataset.concatenate(exp.splits.trusted)
     teacher_model, teacher_variables = _teacher(exp)
+    offset = None
+    if recipe.get("teacher_prior_correction", False):
+        offset = train.teacher_prior_correction(
+            exp.poisoned_train.labels, exp.splits.trusted.labels, exp.splits.train.num_classes
+        )
     make_step = lambda model, augment: functools.partial(  # noqa: E731
         train.distill_step,
         teacher_apply=teacher_model.apply,
@@ -110,6 +115,7 @@ def _distilled(exp: Experiment, name: str, dataset: ImageDataset, spec: dict) ->
         alpha=recipe.alpha,
         temperature=recipe.temperature,
         student_corruption=recipe.get("student_corruption", 0.0),
+        teacher_logit_offset=offset,
     )
     teacher_record = read_json(os.path.join(exp.workdir, "teacher", "done.json"))
     spec = {
@@ -124,7 +130,7 @@ def _distilled(exp: Experiment, name: str, dataset: ImageDataset, spec: dict) ->
 
 # The student recipe's fields that only distillation reads; those added after the first
 # records were made are recorded only when on.
-_LATER_DISTILLATION_FIELDS = ("student_corruption", "include_trusted")
+_LATER_DISTILLATION_FIELDS = ("student_corruption", "include_trusted", "teacher_prior_correction")
 _DISTILLATION_FIELDS = ("alpha", "temperature", *_LATER_DISTILLATION_FIELDS)
 # Fields recorded through their effect (the baselines' `corruption`), not themselves.
 _DERIVED_FIELDS = ("corrupt_baselines",)

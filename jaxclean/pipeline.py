@@ -82,6 +82,11 @@ def validate_config(config) -> None:
     validate_recipe(config.teacher, "teacher")
     validate_recipe(config.student, "student")
     defense.validate_distillation(config.student)
+    if config.student.get("teacher_prior_correction", False) and not config.data.trusted_size:
+        raise ConfigError(
+            "student.teacher_prior_correction takes the clean label prior from the trusted "
+            "split, and data.trusted_size is 0"
+        )
     generation.validate_config(config)
 
 

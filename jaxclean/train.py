@@ -153,6 +153,28 @@ def distillation_loss(
     )
 
 
+def teacher_prior_correction(
+    teacher_labels: np.ndarray, trusted_labels: np.ndarray, num_classes: int
+) -> tuple[float, ...]:
+    """log p_trusted(y) - log p_teacher(y): the teacher's logits re-based on the trusted prior.
+
+    A classifier's logits carry the label prior of its training set (up to a constant,
+    logits = log p(x | y) + log p(y)). Poisoning relabels images to the target, so the teacher
+    learns an inflated target prior (10% poisoning: 0.19 instead of 0.10) and leans towards the
+    target wherever an image is ambiguous, as variations more often are than originals; a
+    student distilled at high T copies that lean. Adding this offset is the label-shift
+    correction of Saerens et al. (2002), as post-hoc logit adjustment (Menon et al. 2021) does
+    it, with the trusted split's labels as the clean prior. It reads only label counts, so
+    every class is corrected alike and no target need be known. Counts get add-one smoothing.
+    """
+
+    def log_prior(labels):
+        counts = np.bincount(np.asarray(labels), minlength=num_classes)[:num_classes] + 1.0
+        return np.log(counts / counts.sum())
+
+    return tuple(float(v) for v in log_prior(trusted_labels) - log_prior(teacher_labels))
+
+
 def _step_metrics(loss, logits, labels, grads, params) -> dict:
     return {
         "loss": loss,
@@ -201,6 +223,7 @@ def distill_step(
     alpha: float,
     temperature: float,
     student_corruption: float = 0.0,
+    teacher_logit_offset: tuple[float, ...] | None = None,
 ):
     """One knowledge-distillation step: the frozen teacher and the student see the same batch.
 
@@ -219,10 +242,14 @@ def distill_step(
         answer for the clean image whatever the contrast, brightness or noise, rather than
         copying how the teacher's outputs move with them, which is where a backdoor that
         answers to such changes (Blended) lives.
+      teacher_logit_offset: one value per class (static), added to the teacher's logits before
+        they become soft labels: `teacher_prior_correction`'s log prior ratio.
     """
     keys = sample_keys(rng, batch["index"])
     images = augment_images(normalize(batch["image"]), keys, augment)
     teacher_logits = jax.lax.stop_gradient(teacher_apply(teacher_variables, images, train=False))
+    if teacher_logit_offset is not None:
+        teacher_logits = teacher_logits + jnp.asarray(teacher_logit_offset, teacher_logits.dtype)
     if student_corruption:
         # Its own key per image (fold 3; fold 2 is augment_images' corruption).
         corrupt = functools.partial(corrupt_image, probability=student_corruption)

@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO, run_launch, smoke_args
 
 from configs import common, smoke
-from jaxclean import attacks, checkpointing, data, defense, generation, pipeline
+from jaxclean import attacks, checkpointing, data, defense, generation, pipeline, train
 from jaxclean.artifacts import StageConflict
 
 
@@ -202,6 +202,7 @@ def test_distillation_fields_retrain_only_the_distilled_models(full_run, idx_dir
     config.student.alpha = 0.9
     config.student.temperature = 4.0
     config.student.include_trusted = True
+    config.student.teacher_prior_correction = True
     # The student and kd_on_original distil with them: a finished one is refused, not reused.
     for stage in ("student", "kd_on_original"):
         with pytest.raises(StageConflict, match="student_corruption"):
@@ -309,12 +310,37 @@ def test_include_trusted_adds_the_trusted_images_to_the_distilled_models(
     assert len(trained["variations_only"].dataset) == len(variations)
 
 
+def test_prior_correction_rebases_the_distilled_models_teacher_on_the_trusted_prior(
+    full_run, idx_dir, tmp_path, monkeypatch
+):
+    workdir, _ = full_run
+    copy = str(tmp_path / "copy")
+    shutil.copytree(workdir, copy)
+    trained = _record_training(monkeypatch)
+    config = smoke_config(idx_dir)
+    config.student.teacher_prior_correction = True
+    pipeline.run(config, copy, "student,kd_on_original")
+    exp = trained["student"].exp
+    want = train.teacher_prior_correction(
+        exp.poisoned_train.labels, exp.splits.trusted.labels, exp.splits.train.num_classes
+    )
+    # Poisoning relabels images to the target: its prior is the most inflated, so its logit
+    # is the one lowered most.
+    assert min(want) == want[config.attack.target] < 0
+    for name in ("student", "kd_on_original"):
+        step = trained[name].make_step(None, None)
+        assert step.keywords["teacher_logit_offset"] == want, name
+        assert trained[name].spec["student"]["teacher_prior_correction"] is True, name
+
+
 def _record_training(monkeypatch) -> dict:
     """Replaces the defense stages' training with a record of each call, by model name."""
     calls = {}
 
     def record(exp, name, dataset, recipe, spec, **kwargs):
-        calls[name] = types.SimpleNamespace(exp=exp, dataset=dataset, recipe=recipe, spec=spec)
+        calls[name] = types.SimpleNamespace(
+            exp=exp, dataset=dataset, recipe=recipe, spec=spec, **kwargs
+        )
 
     monkeypatch.setattr(defense, "train_classifier", record)
     return calls
@@ -420,6 +446,14 @@ def test_poison_plan_that_would_differ_is_refused(idx_dir, tmp_path):
             lambda c: c.student.update(include_trusted=True, select="best"),
             pipeline.ConfigError,
             r"include_trusted trains on the trusted split",
+        ),
+        (
+            lambda c: (
+                setattr(c.student, "teacher_prior_correction", True),
+                setattr(c.data, "trusted_size", 0),
+            ),
+            pipeline.ConfigError,
+            r"teacher_prior_correction takes the clean label prior from the trusted split",
         ),
         (
             lambda c: setattr(c.generator.encoder, "corruption", 1.5),

@@ -103,6 +103,58 @@ def test_distill_step_pulls_student_toward_teacher():
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+def test_teacher_prior_correction_is_the_log_ratio_of_the_two_label_priors():
+    # The teacher's set: half class 0 (poisoned towards it), the trusted set balanced.
+    teacher_labels = np.array([0] * 50 + [1] * 25 + [2] * 25)
+    trusted_labels = np.array([0] * 10 + [1] * 10 + [2] * 10)
+    offset = train.teacher_prior_correction(teacher_labels, trusted_labels, 3)
+    # Add-one smoothed: p_teacher = (51, 26, 26) / 103, p_trusted = (11, 11, 11) / 33.
+    want = np.log(np.array([11, 11, 11]) / 33) - np.log(np.array([51, 26, 26]) / 103)
+    np.testing.assert_allclose(offset, want, rtol=1e-6)
+    assert offset[0] < 0 < offset[1]
+    # A class absent from one split stays finite; equal priors give no correction.
+    assert np.all(np.isfinite(train.teacher_prior_correction([0, 0], [1, 1], 3)))
+    np.testing.assert_allclose(train.teacher_prior_correction(trusted_labels, trusted_labels, 3), 0)
+
+
+def test_teacher_logit_offset_shifts_only_the_soft_labels():
+    mesh = sharding.make_mesh()
+    images, labels = synthetic_images(16, seed=3)
+    batch = batch_of(images[..., None], labels, mesh)
+    offset = (-2.0, 1.0) + (0.0,) * 8
+
+    def teacher_apply(variables, x, train):
+        del variables, train
+        return jnp.tile(jnp.linspace(-1.0, 1.0, 10), (len(x), 1))
+
+    def step_loss(teacher_logit_offset):
+        step_fn = functools.partial(
+            train.distill_step,
+            teacher_apply=teacher_apply,
+            augment=train.Augment(),
+            alpha=0.5,
+            temperature=2.0,
+            teacher_logit_offset=teacher_logit_offset,
+        )
+        _, fresh = tiny_state(mesh, seed=2)
+        _, metrics = train.jit_step(step_fn, mesh, num_static_args=1)(
+            fresh, {}, batch, jax.random.key(7)
+        )
+        return float(metrics["loss"])
+
+    _, student = tiny_state(mesh, seed=2)
+    logits, _ = student.apply_fn(
+        student.variables,
+        train.normalize(jnp.asarray(images[..., None])),
+        train=True,
+        mutable=["batch_stats"],
+    )
+    shifted = teacher_apply(None, images, False) + jnp.asarray(offset)
+    want = float(train.distillation_loss(logits, shifted, jnp.asarray(labels), 0.5, 2.0))
+    np.testing.assert_allclose(step_loss(offset), want, rtol=1e-4)
+    assert abs(step_loss(offset) - step_loss(None)) > 1e-3
+
+
 def test_student_corruption_corrupts_only_the_students_copy():
     mesh = sharding.make_mesh()
     model, student = tiny_state(mesh, seed=2)
