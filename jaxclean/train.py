@@ -160,12 +160,14 @@ def teacher_prior_correction(
 
     A classifier's logits carry the label prior of its training set (up to a constant,
     logits = log p(x | y) + log p(y)). Poisoning relabels images to the target, so the teacher
-    learns an inflated target prior (10% poisoning: 0.19 instead of 0.10) and leans towards the
-    target wherever an image is ambiguous, as variations more often are than originals; a
-    student distilled at high T copies that lean. Adding this offset is the label-shift
-    correction of Saerens et al. (2002), as post-hoc logit adjustment (Menon et al. 2021) does
-    it, with the trusted split's labels as the clean prior. It reads only label counts, so
-    every class is corrected alike and no target need be known. Counts get add-one smoothing.
+    learns an inflated target prior (10% poisoning of Fashion-MNIST: 0.20 instead of 0.10) and
+    leans towards the target wherever an image is ambiguous; a student fitting its logits at
+    high T copies that lean into every image (Fashion-MNIST BadNets: it called 3.0% of
+    non-target test images the target, the clean reference 1.8%; with this, 1.7%). Adding the
+    offset is the label-shift correction of Saerens et al. (2002), in the post-hoc logit
+    adjustment form of Menon et al. (2021), with the trusted split's labels as the clean prior.
+    It reads only label counts, so every class is corrected alike and no target need be known.
+    Counts get add-one smoothing.
     """
 
     def log_prior(labels):
