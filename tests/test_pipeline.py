@@ -310,6 +310,7 @@ def test_include_trusted_adds_the_trusted_images_to_the_distilled_models(
     assert len(trained["variations_only"].dataset) == len(variations)
 
 
+@pytest.mark.slow
 def test_prior_correction_rebases_the_distilled_models_teacher_on_the_trusted_prior(
     full_run, idx_dir, tmp_path, monkeypatch
 ):
