@@ -103,6 +103,22 @@ def test_distill_step_pulls_student_toward_teacher():
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+def one_step_distill_loss(mesh, batch, teacher_apply, rng, **step_settings) -> float:
+    """The loss of one distillation step (alpha 0.5, T 2) of a fresh seed-2 student."""
+    step_fn = functools.partial(
+        train.distill_step,
+        teacher_apply=teacher_apply,
+        augment=train.Augment(),
+        alpha=0.5,
+        temperature=2.0,
+        **step_settings,
+    )
+    # A fresh student each time: the jitted step donates the state it is given.
+    _, fresh = tiny_state(mesh, seed=2)
+    _, metrics = train.jit_step(step_fn, mesh, num_static_args=1)(fresh, {}, batch, rng)
+    return float(metrics["loss"])
+
+
 def test_teacher_prior_correction_is_the_log_ratio_of_the_two_label_priors():
     # The teacher's set: half class 0 (poisoned towards it), the trusted set balanced.
     teacher_labels = np.array([0] * 50 + [1] * 25 + [2] * 25)
@@ -128,19 +144,9 @@ def test_teacher_logit_offset_shifts_only_the_soft_labels():
         return jnp.tile(jnp.linspace(-1.0, 1.0, 10), (len(x), 1))
 
     def step_loss(teacher_logit_offset):
-        step_fn = functools.partial(
-            train.distill_step,
-            teacher_apply=teacher_apply,
-            augment=train.Augment(),
-            alpha=0.5,
-            temperature=2.0,
-            teacher_logit_offset=teacher_logit_offset,
+        return one_step_distill_loss(
+            mesh, batch, teacher_apply, jax.random.key(7), teacher_logit_offset=teacher_logit_offset
         )
-        _, fresh = tiny_state(mesh, seed=2)
-        _, metrics = train.jit_step(step_fn, mesh, num_static_args=1)(
-            fresh, {}, batch, jax.random.key(7)
-        )
-        return float(metrics["loss"])
 
     _, student = tiny_state(mesh, seed=2)
     logits, _ = student.apply_fn(
@@ -169,18 +175,7 @@ def test_student_corruption_corrupts_only_the_students_copy():
         return 10.0 * jnp.concatenate([stats, -stats, jnp.zeros((len(x), 6))], -1)
 
     def step_loss(corruption):
-        step_fn = functools.partial(
-            train.distill_step,
-            teacher_apply=teacher_apply,
-            augment=train.Augment(),
-            alpha=0.5,
-            temperature=2.0,
-            student_corruption=corruption,
-        )
-        # A fresh student each time: the jitted step donates the state it is given.
-        _, fresh = tiny_state(mesh, seed=2)
-        _, metrics = train.jit_step(step_fn, mesh, num_static_args=1)(fresh, {}, batch, rng)
-        return float(metrics["loss"])
+        return one_step_distill_loss(mesh, batch, teacher_apply, rng, student_corruption=corruption)
 
     clean = train.normalize(jnp.asarray(images[..., None]))
     keys = train.sample_keys(rng, jnp.arange(len(labels)))
