@@ -53,8 +53,12 @@ def idx_dir(tmp_path_factory) -> str:
     return write_idx_dataset(str(tmp_path_factory.mktemp("idx")))
 
 
-def run_launch(args: list[str], devices: int = 1, env: dict | None = None, timeout: int = 600):
-    """Runs launch.py in a fresh interpreter with `devices` forced CPU devices."""
+def run_launch(args: list[str], devices: int = 1, env: dict | None = None, timeout: int = 1800):
+    """Runs launch.py in a fresh interpreter with `devices` forced CPU devices.
+
+    The timeout only catches a hung run: the smoke run of every stage takes about 10 minutes
+    on 2 free cores, and ran past 600 s whenever an experiment shared them.
+    """
     full_env = dict(os.environ)
     full_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     full_env["JAX_PLATFORMS"] = "cpu"

@@ -35,6 +35,14 @@ def full_run(idx_dir, tmp_path_factory):
     return workdir, result
 
 
+@pytest.fixture
+def run_copy(full_run, tmp_path) -> str:
+    """A private copy of the full run's workdir, for a test that changes what is in it."""
+    copy = str(tmp_path / "copy")
+    shutil.copytree(full_run[0], copy)
+    return copy
+
+
 @pytest.mark.slow
 def test_launch_runs_every_stage_and_reports(full_run):
     workdir, result = full_run
@@ -102,14 +110,12 @@ def test_rerun_skips_finished_stages(full_run, idx_dir):
 
 
 @pytest.mark.slow
-def test_rerun_restores_finished_models_in_a_lost_report(full_run, idx_dir, tmp_path):
-    copy = str(tmp_path / "copy")
-    shutil.copytree(full_run[0], copy)
-    before = json.load(open(os.path.join(copy, "report", "results.json")))["models"]
-    os.remove(os.path.join(copy, "report", "results.json"))
-    again = run_launch(smoke_args(copy, idx_dir, "--stages=teacher,student,report"))
+def test_rerun_restores_finished_models_in_a_lost_report(run_copy, idx_dir):
+    before = json.load(open(os.path.join(run_copy, "report", "results.json")))["models"]
+    os.remove(os.path.join(run_copy, "report", "results.json"))
+    again = run_launch(smoke_args(run_copy, idx_dir, "--stages=teacher,student,report"))
     assert again.returncode == 0, again.stderr[-3000:]
-    after = json.load(open(os.path.join(copy, "report", "results.json")))["models"]
+    after = json.load(open(os.path.join(run_copy, "report", "results.json")))["models"]
     for name in ("teacher", "student"):
         assert after[name]["clean_accuracy"] == before[name]["clean_accuracy"], name
     assert (
@@ -119,20 +125,20 @@ def test_rerun_restores_finished_models_in_a_lost_report(full_run, idx_dir, tmp_
 
 
 @pytest.mark.slow
-def test_student_killed_and_rerun_matches_uninterrupted(full_run, idx_dir, tmp_path):
+def test_student_killed_and_rerun_matches_uninterrupted(full_run, run_copy, idx_dir):
     workdir, _ = full_run
-    copy = str(tmp_path / "copy")
-    shutil.copytree(workdir, copy)
-    shutil.rmtree(os.path.join(copy, "student"))
+    shutil.rmtree(os.path.join(run_copy, "student"))
     # Checkpoints at steps 3, 5 (epoch end) and 6; the kill at 9 leaves time for one to land.
     extra = ["--stages=student", "--config.student.checkpoint_every_steps=3"]
-    killed = run_launch(smoke_args(copy, idx_dir, *extra), env={"JAXCLEAN_KILL_AT": "student:9"})
+    killed = run_launch(
+        smoke_args(run_copy, idx_dir, *extra), env={"JAXCLEAN_KILL_AT": "student:9"}
+    )
     assert killed.returncode == -9
-    resumed = run_launch(smoke_args(copy, idx_dir, *extra))
+    resumed = run_launch(smoke_args(run_copy, idx_dir, *extra))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert re.search(r"student: resuming from step \d+", resumed.stdout)
     expected = checkpointing.load_tree(os.path.join(workdir, "student", "model"))
-    got = checkpointing.load_tree(os.path.join(copy, "student", "model"))
+    got = checkpointing.load_tree(os.path.join(run_copy, "student", "model"))
     for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -166,18 +172,15 @@ def test_student_refuses_missing_or_foreign_inputs(full_run, idx_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_evaluate_models_script_restores_a_metric_added_later(full_run, idx_dir, tmp_path):
-    workdir, _ = full_run
-    copy = str(tmp_path / "copy")
-    shutil.copytree(workdir, copy)
-    path = os.path.join(copy, "report", "results.json")
+def test_evaluate_models_script_restores_a_metric_added_later(run_copy, idx_dir):
+    path = os.path.join(run_copy, "report", "results.json")
     results = json.load(open(path))
     expected = dict(results["models"]["student"])
     del results["models"]["student"]["untriggered_target_rate"]
     json.dump(results, open(path, "w"))
     script = os.path.join(REPO, "scripts", "evaluate_models.py")
     config = os.path.join(REPO, "configs", "smoke.py")
-    args = [f"--config={config}", f"--workdir={copy}", f"--config.data.dir={idx_dir}"]
+    args = [f"--config={config}", f"--workdir={run_copy}", f"--config.data.dir={idx_dir}"]
     out = subprocess.run(
         [sys.executable, script, *args, "--stages=student", "--update"],
         capture_output=True,
@@ -189,14 +192,11 @@ def test_evaluate_models_script_restores_a_metric_added_later(full_run, idx_dir,
     for key in ("clean_accuracy", "attack_success_rate", "untriggered_target_rate"):
         assert restored[key] == pytest.approx(expected[key], abs=1e-6), key
     assert restored["wall_seconds"] == expected["wall_seconds"]
-    assert "ASR0" in open(os.path.join(copy, "report", "results.md")).read()
+    assert "ASR0" in open(os.path.join(run_copy, "report", "results.md")).read()
 
 
 @pytest.mark.slow
-def test_distillation_fields_retrain_only_the_distilled_models(full_run, idx_dir, tmp_path, capsys):
-    workdir, _ = full_run
-    copy = str(tmp_path / "copy")
-    shutil.copytree(workdir, copy)
+def test_distillation_fields_retrain_only_the_distilled_models(run_copy, idx_dir, capsys):
     config = smoke_config(idx_dir)
     config.student.student_corruption = 0.5
     config.student.alpha = 0.9
@@ -206,14 +206,14 @@ def test_distillation_fields_retrain_only_the_distilled_models(full_run, idx_dir
     # The student and kd_on_original distil with them: a finished one is refused, not reused.
     for stage in ("student", "kd_on_original"):
         with pytest.raises(StageConflict, match="student_corruption"):
-            pipeline.run(config, copy, stage)
+            pipeline.run(config, run_copy, stage)
     # The cross-entropy baselines read the student's corruption as their own...
     for stage in ("variations_only", "trusted_only", "clean_reference"):
         with pytest.raises(StageConflict, match="corruption"):
-            pipeline.run(config, copy, stage)
+            pipeline.run(config, run_copy, stage)
     # ... and nothing else of distillation: without it they are still done.
     config.student.corrupt_baselines = False
-    pipeline.run(config, copy, "variations_only,trusted_only,clean_reference")
+    pipeline.run(config, run_copy, "variations_only,trusted_only,clean_reference")
     out = capsys.readouterr().out
     for stage in ("variations_only", "trusted_only", "clean_reference"):
         assert f"{stage}: done already" in out
@@ -235,30 +235,27 @@ def test_seed_summary_keeps_the_first_seed_and_adds_mean_and_spread():
 
 
 @pytest.mark.slow
-def test_learnability_repeats_under_other_seeds_keep_the_first(full_run, idx_dir, tmp_path, capsys):
-    workdir, _ = full_run
-    copy = str(tmp_path / "copy")
-    shutil.copytree(workdir, copy)
+def test_learnability_repeats_under_other_seeds_keep_the_first(run_copy, idx_dir, capsys):
     config = smoke_config(idx_dir)
     config.diagnostics.learnability_seeds = 2
-    pipeline.run(config, copy, "diagnostics")
+    pipeline.run(config, run_copy, "diagnostics")
     out = capsys.readouterr().out
     # The first seed's classifiers are the finished ones; only the repeats train.
     assert "learnability/variations: done already" in out
     assert "learnability/clean_originals: done already" in out
     assert "learnability/variations_seed1: training" in out
-    results = json.load(open(os.path.join(copy, "report", "results.json")))["diagnostics"]
+    results = json.load(open(os.path.join(run_copy, "report", "results.json")))["diagnostics"]
     for label in ("trained_on_variations", "label_noise_reference", "clean_variations"):
         for suffix in ("", "_mean", "_std"):
             assert f"variations/trigger_learnability/asr_{label}{suffix}" in results
     assert "learnability/variations_seed1" in results
     # The repeat names its own seed beside the experiment's, which it keeps.
-    spec = json.load(open(os.path.join(copy, "learnability/variations_seed1/spec.json")))
+    spec = json.load(open(os.path.join(run_copy, "learnability/variations_seed1/spec.json")))
     assert (spec["seed"], spec["classifier_seed"]) == (0, 1)
     # Another seed is another model, not a copy of the first.
-    first_params = checkpointing.load_tree(os.path.join(copy, "learnability/variations/model"))
+    first_params = checkpointing.load_tree(os.path.join(run_copy, "learnability/variations/model"))
     second_params = checkpointing.load_tree(
-        os.path.join(copy, "learnability/variations_seed1/model")
+        os.path.join(run_copy, "learnability/variations_seed1/model")
     )
     assert not all(
         np.array_equal(a, b)
@@ -288,15 +285,12 @@ def test_baselines_read_their_images_through_the_students_corruption():
 
 @pytest.mark.slow
 def test_include_trusted_adds_the_trusted_images_to_the_distilled_models(
-    full_run, idx_dir, tmp_path, monkeypatch
+    run_copy, idx_dir, monkeypatch
 ):
-    workdir, _ = full_run
-    copy = str(tmp_path / "copy")
-    shutil.copytree(workdir, copy)
     trained = _record_training(monkeypatch)
     config = smoke_config(idx_dir)
     config.student.include_trusted = True
-    pipeline.run(config, copy, "student,kd_on_original,variations_only")
+    pipeline.run(config, run_copy, "student,kd_on_original,variations_only")
     student, exp = trained["student"].dataset, trained["student"].exp
     variations = generation.load_variations(exp)
     trusted = exp.splits.trusted
@@ -312,15 +306,12 @@ def test_include_trusted_adds_the_trusted_images_to_the_distilled_models(
 
 @pytest.mark.slow
 def test_prior_correction_rebases_the_distilled_models_teacher_on_the_trusted_prior(
-    full_run, idx_dir, tmp_path, monkeypatch
+    run_copy, idx_dir, monkeypatch
 ):
-    workdir, _ = full_run
-    copy = str(tmp_path / "copy")
-    shutil.copytree(workdir, copy)
     trained = _record_training(monkeypatch)
     config = smoke_config(idx_dir)
     config.student.teacher_prior_correction = True
-    pipeline.run(config, copy, "student,kd_on_original")
+    pipeline.run(config, run_copy, "student,kd_on_original")
     exp = trained["student"].exp
     want = train.teacher_prior_correction(
         exp.poisoned_train.labels, exp.splits.trusted.labels, exp.splits.train.num_classes
@@ -348,19 +339,14 @@ def _record_training(monkeypatch) -> dict:
 
 
 @pytest.mark.slow
-def test_the_baselines_train_through_the_students_corruption(
-    full_run, idx_dir, tmp_path, monkeypatch
-):
-    workdir, _ = full_run
-    copy = str(tmp_path / "copy")
-    shutil.copytree(workdir, copy)
+def test_the_baselines_train_through_the_students_corruption(run_copy, idx_dir, monkeypatch):
     for name in ("variations_only", "trusted_only", "clean_reference"):
-        shutil.rmtree(os.path.join(copy, name))  # Made without the corruption.
+        shutil.rmtree(os.path.join(run_copy, name))  # Made without the corruption.
     trained = _record_training(monkeypatch)
     config = smoke_config(idx_dir)
     config.student.student_corruption = 0.5
     pipeline.run(
-        config, copy, "student,kd_on_original,variations_only,trusted_only,clean_reference"
+        config, run_copy, "student,kd_on_original,variations_only,trusted_only,clean_reference"
     )
     for name in ("variations_only", "trusted_only", "clean_reference"):
         assert trained[name].recipe.corruption == 0.5, name
