@@ -577,15 +577,22 @@ def _teacher_on_test_variations(exp, teacher_model, teacher_vars) -> dict:
 
 
 def seed_summary(label: str, runs: list[dict]) -> dict:
-    """ASR and ASR0 of one learnability classifier: its first seed's, and over several the
+    """ASR, ASR0 and RA of one learnability classifier: its first seed's, and over several the
     mean and (population) standard deviation.
 
     Beside each ASR its ASR0, the target rate on the same images without the trigger: the
     poisoned labels raise it with no trigger in the data, so ASR - ASR0 is what the trigger
-    adds. Records made before the metric existed lack it, and it is then left out.
+    adds. And its RA, the triggered images it still classifies right: where that is low the
+    classifier cannot read them at all (Fashion-MNIST Blended: RA about 0.2 for every one of
+    these small models, the clean ones included), and its ASR says only where such unreadable
+    images land. Records made before a metric existed lack it, and it is then left out.
     """
     summary = {}
-    for metric, key in (("asr", "attack_success_rate"), ("asr0", "untriggered_target_rate")):
+    for metric, key in (
+        ("asr", "attack_success_rate"),
+        ("asr0", "untriggered_target_rate"),
+        ("ra", "robust_accuracy"),
+    ):
         values = [run[key] for run in runs if key in run]
         if not values or len(values) < len(runs):
             continue

@@ -74,6 +74,7 @@ def test_launch_runs_every_stage_and_reports(full_run):
         "trigger_learnability/asr0_trained_on_variations",
         "trigger_learnability/asr0_clean_model",
         "trigger_learnability/asr_clean_variations",
+        "trigger_learnability/ra_clean_model",
         "content_kept/teacher_accuracy_on_variations",
         "artefact_activation/target_rate_on_variations",
         "trigger_survival/difference",
@@ -221,14 +222,16 @@ def test_distillation_fields_retrain_only_the_distilled_models(run_copy, idx_dir
 
 def test_seed_summary_keeps_the_first_seed_and_adds_mean_and_spread():
     runs = [
-        {"attack_success_rate": 0.01, "untriggered_target_rate": 0.03},
-        {"attack_success_rate": 0.04, "untriggered_target_rate": 0.03},
+        {"attack_success_rate": 0.01, "untriggered_target_rate": 0.03, "robust_accuracy": 0.2},
+        {"attack_success_rate": 0.04, "untriggered_target_rate": 0.03, "robust_accuracy": 0.3},
     ]
     summary = generation.seed_summary("x", runs)
     assert summary["trigger_learnability/asr_x"] == 0.01
     assert summary["trigger_learnability/asr_x_mean"] == pytest.approx(0.025)
     assert summary["trigger_learnability/asr_x_std"] == pytest.approx(0.015)
     assert summary["trigger_learnability/asr0_x_std"] == pytest.approx(0.0)
+    assert summary["trigger_learnability/ra_x"] == 0.2
+    assert summary["trigger_learnability/ra_x_mean"] == pytest.approx(0.25)
     # One seed: no spread to report; a record without ASR0 (older runs): none claimed.
     single = generation.seed_summary("x", [{"attack_success_rate": 0.02}])
     assert single == {"trigger_learnability/asr_x": 0.02}
