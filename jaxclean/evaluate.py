@@ -52,3 +52,35 @@ def evaluate_classifier(
         )
         results["robust_accuracy"] = accuracy(triggered_predictions, triggered.robust.labels)
     return results
+
+
+def target_rates_by_class(
+    untriggered: np.ndarray,
+    triggered: np.ndarray,
+    labels: np.ndarray,
+    target: int,
+    num_classes: int,
+) -> dict:
+    """Where ASR and ASR0 come from, per true class of the triggered non-target images.
+
+    `untriggered` and `triggered` are a classifier's predictions on the same non-target images
+    without and with the trigger, `labels` their true classes. A backdoor raises the target
+    rate in every class; a classifier that cannot read triggered images at all (low RA) sends
+    them to a few classes, and its ASR is whatever share of those is the target.
+
+    Returns:
+      {"untriggered_target_rate": [rate per class], "triggered_target_rate": [...],
+       "triggered_predictions": [count per predicted class]}; classes with no image get nan.
+    """
+
+    def per_class_target_rate(predictions):
+        return [
+            accuracy(predictions[labels == c], np.full((labels == c).sum(), target))
+            for c in range(num_classes)
+        ]
+
+    return {
+        "untriggered_target_rate": per_class_target_rate(untriggered),
+        "triggered_target_rate": per_class_target_rate(triggered),
+        "triggered_predictions": np.bincount(triggered, minlength=num_classes).tolist(),
+    }

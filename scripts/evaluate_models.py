@@ -4,10 +4,14 @@ added after they were trained (ASR0, `untriggered_target_rate`).
 Prints CA, ASR, ASR0 and RA for each stage, computed by `evaluate.evaluate_classifier` exactly
 as the stage itself does, and with --update merges them into the run's report/results.json
 (keeping the entries' wall times) and rewrites results.md. The stages' own records are left
-as they were.
+as they were. With --by_class it also prints, per true class of the triggered non-target test
+images, the target rate without and with the trigger, and where the triggered images went
+(`evaluate.target_rates_by_class`). The diagnostics' learnability classifiers
+(`learnability/...`) are evaluated with their own recipe.
 
   python scripts/evaluate_models.py --config configs/fashion_mnist_blended.py \
-      --workdir runs/blended [--stages=teacher,student] [--update] [--config.KEY=VALUE]
+      --workdir runs/blended [--stages=teacher,student] [--update] [--by_class] \
+      [--config.KEY=VALUE]
 
 The config and its overrides are the run's, as given to launch.py.
 """
@@ -29,10 +33,34 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.")
 _STAGES = flags.DEFINE_string("stages", "", "Comma-separated; empty: every finished classifier.")
 _UPDATE = flags.DEFINE_bool("update", False, "Merge the metrics into report/results.json.")
+_BY_CLASS = flags.DEFINE_bool("by_class", False, "Also print target rates per true class.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Every reported classifier but the generator's encoder, whose recipe is the generator's.
 CLASSIFIERS = tuple(name for name in report.MODEL_ORDER if name != "encoder")
+
+
+def print_by_class(exp, predict_fn, variables, batch_size: int) -> None:
+    triggered = exp.triggered
+    labels = triggered.robust.labels
+
+    def predicted(images):
+        return evaluate.predictions(predict_fn, variables, images, batch_size, exp.mesh)
+
+    rates = evaluate.target_rates_by_class(
+        predicted(exp.splits.test.images[triggered.source_indices]),
+        predicted(triggered.robust.images),
+        labels,
+        exp.config.attack.target,
+        exp.splits.train.num_classes,
+    )
+    print(f"  {'class':>5} {'images':>6} {'ASR0':>7} {'ASR':>7}")
+    for c, (asr0, asr) in enumerate(
+        zip(rates["untriggered_target_rate"], rates["triggered_target_rate"], strict=True)
+    ):
+        if (labels == c).any():
+            print(f"  {c:>5} {(labels == c).sum():>6} {asr0:>7.4f} {asr:>7.4f}")
+    print(f"  triggered images predicted as each class: {rates['triggered_predictions']}")
 
 
 def main(argv) -> None:
@@ -45,7 +73,12 @@ def main(argv) -> None:
     stored = report.read_results(workdir).get("models", {})
     updated = {}
     for stage in stages:
-        recipe = config.teacher if stage == "teacher" else config.student
+        if stage == "teacher":
+            recipe = config.teacher
+        elif stage.startswith("learnability/"):
+            recipe = config.diagnostics.learnability
+        else:
+            recipe = config.student
         model, variables = experiment.load_classifier(
             exp, stage, recipe, exp.splits.train.num_classes
         )
@@ -54,6 +87,8 @@ def main(argv) -> None:
             predict_fn, variables, exp.splits.test, exp.triggered, recipe.eval_batch_size, exp.mesh
         )
         print(f"{stage}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
+        if _BY_CLASS.value and exp.triggered is not None:
+            print_by_class(exp, predict_fn, variables, recipe.eval_batch_size)
         updated[stage] = {**stored.get(stage, {}), **metrics}
     if _UPDATE.value and exp.is_writer:
         report.update_results(workdir, models=updated)

@@ -49,3 +49,18 @@ def test_untriggered_target_rate_counts_the_same_images_without_the_trigger():
     assert metrics["robust_accuracy"] == len(kept) / n
     no_attack = evaluate.evaluate_classifier(predict_fn, {}, test, None, 8, mesh)
     assert set(no_attack) == {"clean_accuracy"}
+
+
+def test_target_rates_by_class_splits_asr_and_its_floor_by_true_class():
+    labels = np.array([1, 1, 1, 1, 2, 2, 3])
+    untriggered = np.array([0, 1, 1, 1, 2, 2, 3])
+    triggered = np.array([0, 0, 1, 1, 2, 0, 2])
+    rates = evaluate.target_rates_by_class(untriggered, triggered, labels, target=0, num_classes=4)
+    np.testing.assert_allclose(rates["untriggered_target_rate"], [np.nan, 0.25, 0.0, 0.0])
+    np.testing.assert_allclose(rates["triggered_target_rate"], [np.nan, 0.5, 0.5, 0.0])
+    assert rates["triggered_predictions"] == [3, 2, 2, 0]
+    # Weighted by class size, the per-class rates give back ASR and ASR0.
+    sizes = np.bincount(labels, minlength=4)[1:]
+    assert np.dot(sizes, rates["triggered_target_rate"][1:]) / len(labels) == np.mean(
+        triggered == 0
+    )

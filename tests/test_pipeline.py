@@ -183,7 +183,7 @@ def test_evaluate_models_script_restores_a_metric_added_later(run_copy, idx_dir)
     config = os.path.join(REPO, "configs", "smoke.py")
     args = [f"--config={config}", f"--workdir={run_copy}", f"--config.data.dir={idx_dir}"]
     out = subprocess.run(
-        [sys.executable, script, *args, "--stages=student", "--update"],
+        [sys.executable, script, *args, "--stages=student", "--update", "--by_class"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -194,6 +194,17 @@ def test_evaluate_models_script_restores_a_metric_added_later(run_copy, idx_dir)
         assert restored[key] == pytest.approx(expected[key], abs=1e-6), key
     assert restored["wall_seconds"] == expected["wall_seconds"]
     assert "ASR0" in open(os.path.join(run_copy, "report", "results.md")).read()
+    # --by_class: a row per non-target class present, then where the triggered images went.
+    histogram = re.search(r"predicted as each class: \[([\d, ]+)\]", out.stdout)
+    assert histogram, out.stdout[-2000:]
+    counts = [int(n) for n in histogram.group(1).split(",")]
+    rows = re.findall(r"^\s+(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)$", out.stdout, re.M)
+    classes, sizes, _, asr = (np.array(column, dtype=float) for column in zip(*rows))
+    assert smoke.get_config().attack.target not in classes
+    assert sizes.sum() == sum(counts) > 0
+    # The per-class rates, weighted by class size, give back the stage's ASR.
+    asr_overall = np.dot(sizes, asr) / sizes.sum()
+    assert asr_overall == pytest.approx(restored["attack_success_rate"], abs=1e-3)
 
 
 @pytest.mark.slow
