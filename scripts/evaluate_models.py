@@ -70,6 +70,9 @@ def main(argv) -> None:
     stages = [s for s in _STAGES.value.split(",") if s] or [
         s for s in CLASSIFIERS if os.path.exists(os.path.join(workdir, s, "done.json"))
     ]
+    if _UPDATE.value and any(s.startswith("learnability/") for s in stages):
+        # Their figures live under `diagnostics`, written by the diagnostics stage.
+        raise app.UsageError("--update writes the models table; leave out learnability/ stages")
     stored = report.read_results(workdir).get("models", {})
     updated = {}
     for stage in stages:
