@@ -286,6 +286,14 @@ def diagnostics_config(**overrides) -> ml_collections.ConfigDict:
             # Seeds each learnability classifier trains under; > 1 adds the mean and standard
             # deviation of each ASR over them (the first seed's stays the headline figure).
             learnability_seeds=1,
+            # The detector of `jaxclean.detectability`, trained on pairs of variations of each
+            # poisoned image's triggered and clean source. No crops: a trigger's trace sits at
+            # a fixed place, as the trigger does.
+            detectability=classifier_recipe(
+                width=8, num_epochs=10, lr_decay_epochs=(8,), crop_padding=0
+            ),
+            # The share of pairs held out to score it on (1,000 of Fashion-MNIST's 5,000).
+            detectability_held_out=0.2,
         )
     )
     config.update(overrides)

@@ -36,6 +36,9 @@ def get_config(arg=None):
     config.generator.unet.update(dict(small_nets, num_train_timesteps=100))
     config.regenerate = common.regenerate_config(steps=3, shard_size=64, per_device_batch=16)
     config.diagnostics = common.diagnostics_config(
-        test_size=32, learnability=common.classifier_recipe(**dict(tiny, num_epochs=1))
+        test_size=32,
+        learnability=common.classifier_recipe(**dict(tiny, num_epochs=1)),
+        # The smoke run poisons a few dozen rows: small batches, so the pairs fill some.
+        detectability=common.classifier_recipe(**dict(tiny, batch_size=8, crop_padding=0)),
     )
     return config

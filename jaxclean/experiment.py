@@ -115,6 +115,10 @@ def validate_recipe(recipe, name: str) -> None:
         raise ConfigError(f"{name}.select must be 'last' or 'best', got {recipe.select!r}")
     if not 0.0 <= recipe.get("corruption", 0.0) <= 1.0:
         raise ConfigError(f"{name}.corruption {recipe.corruption} must be a probability in [0, 1]")
+    if recipe.get("corruption_noise", 0.2) < 0.0:
+        raise ConfigError(
+            f"{name}.corruption_noise {recipe.corruption_noise} must be a standard deviation >= 0"
+        )
 
 
 def train_classifier(
@@ -171,7 +175,7 @@ def train_classifier(
         outputs = {"adopted_from": os.path.abspath(adopt_from)}
     else:
         seed = exp.config.seed if seed is None else seed
-        variables, timing, outputs = _fit_classifier(
+        variables, timing, outputs = fit_classifier(
             exp, record, name, model, predict_fn, dataset, recipe, make_step, extra_args, seed
         )
     checkpointing.save_tree(record.path("model"), jax.device_get(variables))
@@ -191,10 +195,16 @@ def train_classifier(
     return metrics
 
 
-def _fit_classifier(
+def fit_classifier(
     exp, record, name, model, predict_fn, dataset, recipe, make_step, extra_args, seed
 ):
-    """Trains (or resumes) one classifier; returns its final weights, timing and record fields."""
+    """Trains (or resumes) one classifier; returns its final weights, timing and record fields.
+
+    The training half of `train_classifier`, for classifiers that are evaluated otherwise (the
+    trigger detectors of the diagnostics): checkpoints under record's directory, so a rerun
+    resumes; `recipe.select == "best"` validates on the trusted split, so it needs a classifier
+    of the dataset's own classes.
+    """
     mesh = exp.mesh
     steps_per_epoch = len(dataset) // recipe.batch_size
     tx, schedule = train.make_optimizer(recipe, steps_per_epoch)
@@ -204,6 +214,7 @@ def _fit_classifier(
         flip=recipe.flip,
         # Absent from recipes written before it existed (their specs stay as they were).
         corruption=recipe.get("corruption", 0.0),
+        corruption_noise=recipe.get("corruption_noise", 0.2),
     )
     if make_step is None:
         step_fn = functools.partial(train.train_step, augment=augment)

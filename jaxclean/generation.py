@@ -10,7 +10,17 @@ import flax.serialization
 import jax
 import numpy as np
 
-from jaxclean import attacks, checkpointing, evaluate, images, regenerate, report, sharding, train
+from jaxclean import (
+    attacks,
+    checkpointing,
+    detectability,
+    evaluate,
+    images,
+    regenerate,
+    report,
+    sharding,
+    train,
+)
 from jaxclean.artifacts import atomic_write_bytes, differences, read_json, to_jsonable
 from jaxclean.data import ImageDataset
 from jaxclean.diffusion import generator as generator_lib
@@ -20,12 +30,14 @@ from jaxclean.diffusion import stable_diffusion as sd
 from jaxclean.experiment import (
     ConfigError,
     Experiment,
+    fit_classifier,
     load_classifier,
     log,
     require_poison_plan,
     train_classifier,
     validate_recipe,
 )
+from jaxclean.models import make_classifier
 
 GENERATOR_SPLITS = ("trusted", "poisoned_train")
 # latent_diffusion: trained here on the trusted split (the offline default). The others are
@@ -73,6 +85,11 @@ def validate_config(config) -> None:
         )
     except sampler_lib.SamplerError as e:
         raise ConfigError(str(e)) from e
+    validate_recipe(config.diagnostics.learnability, "diagnostics.learnability")
+    validate_recipe(config.diagnostics.detectability, "diagnostics.detectability")
+    held_out = config.diagnostics.detectability_held_out
+    if not 0.0 < held_out < 1.0:
+        raise ConfigError(f"diagnostics.detectability_held_out {held_out} must be in (0, 1)")
     seeds = config.diagnostics.get("learnability_seeds", 1)
     if not isinstance(seeds, int) or seeds < 1:
         raise ConfigError(f"diagnostics.learnability_seeds must be an integer >= 1, got {seeds!r}")
@@ -491,6 +508,7 @@ def diagnostics_stage(exp: Experiment) -> None:
     results = {}
     results.update(_teacher_on_test_variations(exp, teacher_model, teacher_vars))
     results.update(_trigger_learnability(exp))
+    results.update(_trigger_detectability(exp))
     if exp.is_writer:
         report.update_results(
             exp.workdir, diagnostics={f"{name}/{k}": v for k, v in results.items()}
@@ -676,3 +694,113 @@ def _trigger_learnability(exp: Experiment) -> dict:
         if label == "trained_on_variations":
             summary["trigger_learnability/ca_trained_on_variations"] = runs[0]["clean_accuracy"]
     return summary
+
+
+def _clean_twin_variations(exp: Experiment) -> np.ndarray:
+    """Variations of the poisoned rows' clean sources, cached beside the variations.
+
+    Each is sampled with its row's index and poisoned label under the regenerate stage's key,
+    so it has the noise and conditioning label of the row's variation and differs from it only
+    through the source's pixels: the trigger.
+    """
+    indices = exp.plan.indices
+    path = os.path.join(variations_dir(exp), "clean_twins.npz")
+    if os.path.exists(path):
+        try:
+            with np.load(path) as cached:
+                if np.array_equal(cached["indices"], indices):
+                    return cached["images"]
+        except (OSError, ValueError, EOFError, KeyError):
+            pass  # Unreadable (a crash mid-write predates the atomic rename): sampled again.
+    mesh = sharding.local_mesh()
+    _, sample, params = _placed_sampler(exp, mesh)
+    twins = regenerate.sample_rows(
+        sample,
+        params,
+        exp.splits.train.images[indices],
+        indices,
+        exp.poisoned_train.labels[indices],
+        jax.random.key(exp.config.regenerate.seed),
+        exp.config.regenerate.per_device_batch * mesh.size,
+        mesh,
+    )
+    if exp.is_writer:
+        buffer = io.BytesIO()
+        np.savez(buffer, indices=indices, images=twins)
+        atomic_write_bytes(path, buffer.getvalue())
+    return twins
+
+
+def _trigger_detectability(exp: Experiment) -> dict:
+    """Paired accuracy of a detector of the trigger's traces (`jaxclean.detectability`).
+
+    On the variations (each poisoned row's variation against its clean twin's) and, as the
+    positive control that the detector can see this trigger at all, on the sources (each
+    poisoned image against its clean original).
+    """
+    config = exp.config.diagnostics
+    recipe = config.detectability
+    name = exp.config.regenerate.name
+    indices = exp.plan.indices
+    fit_rows, held_rows = detectability.split_pairs(
+        len(indices), config.detectability_held_out, exp.config.seed
+    )
+    base = {**exp.poison_spec(), "recipe": recipe, "held_out": config.detectability_held_out}
+
+    def variation_pairs():
+        return load_variations(exp).images[indices], _clean_twin_variations(exp)
+
+    def source_pairs():
+        return exp.poisoned_train.images[indices], exp.splits.train.images[indices]
+
+    pairs = (
+        (
+            "variations",
+            f"detectability/{name}",
+            variation_pairs,
+            {**base, "variations": _regenerate_record(exp).spec_fingerprint},
+        ),
+        ("sources", "detectability/sources", source_pairs, base),
+    )
+    summary = {
+        "trigger_detectability/held_out_pairs": int(len(held_rows)),
+        "trigger_detectability/chance_standard_error": detectability.chance_standard_error(
+            len(held_rows)
+        ),
+    }
+    for label, stage, make_pairs, spec in pairs:
+        metrics = _fit_detector(exp, stage, spec, make_pairs, fit_rows, held_rows)
+        summary[f"trigger_detectability/paired_accuracy_{label}"] = metrics["paired_accuracy"]
+    return summary
+
+
+def _fit_detector(exp: Experiment, stage: str, spec: dict, make_pairs, fit_rows, held_rows):
+    """Trains one detector on the fit pairs as a resumable stage; its held-out paired accuracy."""
+    record = exp.record(stage, spec)
+    if record.is_done():
+        return record.done_record()["metrics"]
+    record.claim()
+    recipe = exp.config.diagnostics.detectability
+    triggered, clean = make_pairs()
+    model = make_classifier(recipe.model, len(detectability.PAIR_CLASSES), width=recipe.width)
+    predict_fn = train.make_predict_fn(model.apply, exp.mesh)
+    dataset = detectability.pair_dataset(triggered[fit_rows], clean[fit_rows])
+    variables, timing, _ = fit_classifier(
+        exp, record, stage, model, predict_fn, dataset, recipe, None, (), exp.config.seed
+    )
+
+    def scores(images_):
+        return detectability.detector_scores(
+            predict_fn, variables, images_, recipe.eval_batch_size, exp.mesh
+        )
+
+    metrics = {
+        "paired_accuracy": detectability.paired_accuracy(
+            scores(triggered[held_rows]), scores(clean[held_rows])
+        ),
+        **timing,
+    }
+    if exp.is_writer:
+        record.mark_done({"metrics": metrics})
+    log(f"{stage}: " + ", ".join(f"{k}={v}" for k, v in metrics.items()))
+    return metrics

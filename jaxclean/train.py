@@ -59,11 +59,17 @@ class Augment:
         generators condition on, keeps describing an image through noise and contrast changes
         because of the scale of its training data; a small encoder trained on clean images
         does not, and its embedding of a corrupted image falls off the data it was trained on.
+      corruption_noise: the largest standard deviation of the corruption's pixel noise; 0 leaves
+        contrast and brightness only. The trigger-learnability classifiers use 0: a Blended
+        trigger lowers an image's contrast and lifts its black level, which alone leaves a small
+        classifier unable to read the image, while pixel noise would teach it to ignore the faint
+        pixel traces it is there to find.
     """
 
     crop_padding: int = 0
     flip: bool = False
     corruption: float = 0.0
+    corruption_noise: float = 0.2
 
 
 # ----------------------------------------------------------------------------- pure functions
@@ -91,7 +97,9 @@ def augment_images(images: jax.Array, keys: jax.Array, augment: Augment) -> jax.
         crop_key, flip_key = jax.random.split(key)
         if augment.corruption:
             # Its own key, so crops and flips stay those of a run without corruption.
-            image = corrupt_image(image, jax.random.fold_in(key, 2), augment.corruption)
+            image = corrupt_image(
+                image, jax.random.fold_in(key, 2), augment.corruption, augment.corruption_noise
+            )
         if pad:
             # Pad with the value of black: the images are in [-1, 1].
             padded = jnp.pad(image, ((pad, pad), (pad, pad), (0, 0)), constant_values=-1.0)
@@ -106,18 +114,21 @@ def augment_images(images: jax.Array, keys: jax.Array, augment: Augment) -> jax.
     return jax.vmap(one)(images, keys)
 
 
-def corrupt_image(image: jax.Array, key: jax.Array, probability: float) -> jax.Array:
+def corrupt_image(
+    image: jax.Array, key: jax.Array, probability: float, max_noise_std: float = 0.2
+) -> jax.Array:
     """With `probability`, a random contrast, brightness and pixel-noise corruption of `image`.
 
     x' = c * x + (1 - c) * b + s * n: contrast c ~ U(0.5, 1) towards a flat level b ~ U(-1, 1),
-    plus Gaussian pixel noise n of std s ~ U(0, 0.2), clipped to [-1, 1]; the common photometric
-    corruptions of corruption-robustness benchmarks (ImageNet-C's contrast, brightness and
-    Gaussian noise), at strengths that leave the content recognisable.
+    plus Gaussian pixel noise n of std s ~ U(0, max_noise_std), clipped to [-1, 1]; the common
+    photometric corruptions of corruption-robustness benchmarks (ImageNet-C's contrast,
+    brightness and Gaussian noise), at strengths that leave the content recognisable. With
+    max_noise_std 0 the draws are the same and only the noise is gone.
     """
     apply_key, contrast_key, level_key, amount_key, noise_key = jax.random.split(key, 5)
     contrast = jax.random.uniform(contrast_key, (), minval=0.5, maxval=1.0)
     level = jax.random.uniform(level_key, (), minval=-1.0, maxval=1.0)
-    amount = jax.random.uniform(amount_key, (), maxval=0.2)
+    amount = jax.random.uniform(amount_key, (), maxval=max_noise_std)
     noise = jax.random.normal(noise_key, image.shape)
     corrupted = jnp.clip(contrast * image + (1.0 - contrast) * level + amount * noise, -1.0, 1.0)
     return jnp.where(jax.random.bernoulli(apply_key, probability), corrupted, image)

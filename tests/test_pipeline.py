@@ -1,5 +1,6 @@
 """The pipeline as users run it: launch.py end to end, resume after kill -9, and bad input."""
 
+import dataclasses
 import json
 import os
 import re
@@ -15,7 +16,16 @@ import pytest
 from conftest import REPO, run_launch, smoke_args
 
 from configs import common, smoke
-from jaxclean import attacks, checkpointing, data, defense, generation, pipeline, train
+from jaxclean import (
+    attacks,
+    checkpointing,
+    data,
+    defense,
+    experiment,
+    generation,
+    pipeline,
+    train,
+)
 from jaxclean.artifacts import StageConflict
 
 
@@ -41,6 +51,30 @@ def run_copy(full_run, tmp_path) -> str:
     copy = str(tmp_path / "copy")
     shutil.copytree(full_run[0], copy)
     return copy
+
+
+@pytest.mark.slow
+def test_clean_twins_have_each_poisoned_rows_noise_and_label(idx_dir, run_copy):
+    """A twin differs from its row's variation only by the source's pixels.
+
+    Given the poisoned images themselves as the "clean" sources, each twin must be exactly the
+    variation the regenerate stage wrote for its row: the same key, index and label.
+    """
+    exp = experiment.Experiment(smoke_config(idx_dir), run_copy)
+    stored = generation.load_variations(exp).images[exp.plan.indices]
+    # The diagnostics stage of the run cached the real twins beside the variations.
+    cached = os.path.join(run_copy, "regenerated", "variations", "clean_twins.npz")
+    with np.load(cached) as real:
+        np.testing.assert_array_equal(real["indices"], exp.plan.indices)
+        assert real["images"].shape == stored.shape
+    os.remove(cached)
+    exp.poisoned  # noqa: B018  The plan and poisoned set, from the real train split.
+    exp.splits = dataclasses.replace(exp.splits, train=exp.poisoned_train)
+    twins = generation._clean_twin_variations(exp)
+    np.testing.assert_array_equal(twins, stored)
+    # Cached again: a second call reads them back rather than sampling.
+    assert os.path.exists(cached)
+    np.testing.assert_array_equal(generation._clean_twin_variations(exp), twins)
 
 
 @pytest.mark.slow
@@ -79,8 +113,15 @@ def test_launch_runs_every_stage_and_reports(full_run):
         "artefact_activation/target_rate_on_variations",
         "trigger_survival/difference",
         "sampler_images_per_second",
+        "trigger_detectability/paired_accuracy_variations",
+        "trigger_detectability/paired_accuracy_sources",
     ):
         assert f"variations/{key}" in diagnostics, key
+    # 16 poisoned rows, a fifth of the pairs held out.
+    assert diagnostics["variations/trigger_detectability/held_out_pairs"] == 3
+    for label in ("variations", "sources"):
+        accuracy = diagnostics[f"variations/trigger_detectability/paired_accuracy_{label}"]
+        assert accuracy * 6 == round(accuracy * 6)  # wins and half-counted ties over 3 pairs
     plan = json.load(open(os.path.join(workdir, "poison", "plan.json")))
     assert plan["num_poisoned"] == 16 and plan["target"] == 0
     for path in (
@@ -429,6 +470,11 @@ def test_poison_plan_that_would_differ_is_refused(idx_dir, tmp_path):
             lambda c: setattr(c.diagnostics, "learnability_seeds", 0),
             pipeline.ConfigError,
             r"diagnostics.learnability_seeds must be an integer >= 1, got 0",
+        ),
+        (
+            lambda c: setattr(c.diagnostics.learnability, "corruption_noise", -0.1),
+            pipeline.ConfigError,
+            r"diagnostics.learnability.corruption_noise -0.1 must be a standard deviation",
         ),
         (
             lambda c: setattr(c.generator, "train_split", "test"),

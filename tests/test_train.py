@@ -231,6 +231,26 @@ def test_corruption_changes_only_the_chosen_images_and_leaves_crops_alone():
     assert np.mean(spread(always)) < np.mean(spread(images))
 
 
+def test_corruption_without_noise_is_the_same_contrast_and_level_change_only():
+    images = jnp.asarray(np.random.default_rng(1).uniform(-0.5, 0.5, (32, 8, 8, 1)), jnp.float32)
+    keys = train.sample_keys(jax.random.key(2), jnp.arange(32))
+    noisy = train.augment_images(images, keys, train.Augment(corruption=1.0))
+    flat = train.augment_images(images, keys, train.Augment(corruption=1.0, corruption_noise=0.0))
+    x, y = np.asarray(images).reshape(32, -1), np.asarray(flat).reshape(32, -1)
+    # Each image is mapped by one affine function c * x + (1 - c) * b, so a least-squares line
+    # through its pixels fits exactly, with a contrast c in [0.5, 1] (inputs in [-0.5, 0.5] stay
+    # inside [-1, 1] under it, so nothing is clipped).
+    for xi, yi in zip(x, y):
+        slope, intercept = np.polyfit(xi, yi, 1)
+        assert 0.5 <= slope <= 1.0
+        np.testing.assert_allclose(slope * xi + intercept, yi, atol=1e-5)
+    # The noisy corruption is the same contrast and level plus pixel noise: their difference
+    # averages out (zero-mean noise) and is not zero.
+    residual = np.asarray(noisy).reshape(32, -1) - y
+    assert np.abs(residual).max() > 1e-3
+    assert abs(residual.mean()) < 0.01
+
+
 def test_epoch_order_depends_only_on_seed_and_epoch():
     a = train.epoch_order(100, seed=0, epoch=3)
     np.testing.assert_array_equal(a, train.epoch_order(100, seed=0, epoch=3))
