@@ -1,11 +1,15 @@
 """CA, ASR, RA and ASR's untriggered floor against counts known by construction."""
 
+import os
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-from conftest import NUM_CLASSES, synthetic_images
+from conftest import NUM_CLASSES, REPO, synthetic_images
 
-from jaxclean import evaluate, sharding, train
+from configs import common
+from jaxclean import attacks, evaluate, sharding, train
 from jaxclean.attacks import TriggeredTestSets
 from jaxclean.data import ImageDataset
 
@@ -63,4 +67,28 @@ def test_target_rates_by_class_splits_asr_and_its_floor_by_true_class():
     sizes = np.bincount(labels, minlength=4)[1:]
     assert np.dot(sizes, rates["triggered_target_rate"][1:]) / len(labels) == np.mean(
         triggered == 0
+    )
+
+
+def test_blend_probe_splits_a_blend_into_its_contrast_and_pattern_parts():
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    from probe_blend_parts import blend_parts
+
+    config = common.blended_attack()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 8, 8, 1), dtype=np.uint8)
+    rows = np.arange(6)
+    blended = attacks.make_trigger(config).apply(images, rows, stream="test")
+    parts = {k: v.astype(float) for k, v in blend_parts(images, blended, 0.2).items()}
+    np.testing.assert_array_equal(parts["blend"], blended)
+    np.testing.assert_array_equal(parts["original"], images)
+    # The two parts together make the blend again (up to clipping and rounding each to uint8).
+    inside = (parts["pattern_noise_only"] > 0) & (parts["pattern_noise_only"] < 255)
+    rebuilt = parts["contrast_and_level_only"] + parts["pattern_noise_only"] - parts["original"]
+    assert np.abs(rebuilt - parts["blend"])[inside].max() <= 1.5
+    # The contrast part is a flat affine map of each image: 0.8 x + a level.
+    np.testing.assert_allclose(
+        parts["contrast_and_level_only"] - 0.8 * parts["original"],
+        parts["contrast_and_level_only"][0, 0, 0, 0] - 0.8 * parts["original"][0, 0, 0, 0],
+        atol=1.0,
     )
