@@ -595,23 +595,21 @@ def _teacher_on_test_variations(exp, teacher_model, teacher_vars) -> dict:
 
 
 def seed_summary(label: str, runs: list[dict]) -> dict:
-    """ASR, ASR0, RA and learnt trace of one learnability classifier: its first seed's, and
-    over several the mean and (population) standard deviation.
+    """ASR, ASR0 and RA of one learnability classifier: its first seed's, and over several the
+    mean and (population) standard deviation.
 
     Beside each ASR its ASR0, the target rate on the same images without the trigger: the
     poisoned labels raise it with no trigger in the data, so ASR - ASR0 is what the trigger
     adds. And its RA, the triggered images it still classifies right: where that is low the
     classifier cannot read them at all (Fashion-MNIST Blended: RA about 0.2 for every one of
     these small models, the clean ones included), and its ASR says only where such unreadable
-    images land. And its learnt trace (`_learnt_trace`), the trigger's part that reading
-    does not confound. Records made before a metric existed lack it, and it is then left out.
+    images land. Records made before a metric existed lack it, and it is then left out.
     """
     summary = {}
     for metric, key in (
         ("asr", "attack_success_rate"),
         ("asr0", "untriggered_target_rate"),
         ("ra", "robust_accuracy"),
-        ("learnt_trace", "learnt_trace"),
     ):
         values = [run[key] for run in runs if key in run]
         if not values or len(values) < len(runs):
@@ -677,15 +675,12 @@ def _trigger_learnability(exp: Experiment) -> dict:
     # A small classifier's ASR moves by half a point or more between seeds, as much as the
     # differences it is read for; repeats under other seeds give the spread.
     num_seeds = exp.config.diagnostics.learnability_seeds
-    test_sets = _test_variation_sets(exp)
     summary = {}
     for label, stage, dataset, spec in classifiers:
-        runs = []
-        for k in range(num_seeds):
-            name_k = stage if k == 0 else f"{stage}_seed{k}"
-            metrics = train_classifier(
+        runs = [
+            train_classifier(
                 exp,
-                name_k,
+                stage if k == 0 else f"{stage}_seed{k}",
                 dataset,
                 recipe,
                 # Its own key: the spec's "seed" is the experiment's (data split, poison plan).
@@ -693,7 +688,8 @@ def _trigger_learnability(exp: Experiment) -> dict:
                 report_section="diagnostics",
                 seed=exp.config.seed + k,
             )
-            runs.append({**metrics, "learnt_trace": _learnt_trace(exp, name_k, test_sets)})
+            for k in range(num_seeds)
+        ]
         summary.update(seed_summary(label, runs))
         if label == "trained_on_variations":
             summary["trigger_learnability/ca_trained_on_variations"] = runs[0]["clean_accuracy"]
@@ -733,33 +729,6 @@ def _clean_twin_variations(exp: Experiment) -> np.ndarray:
         np.savez(buffer, indices=indices, images=twins)
         atomic_write_bytes(path, buffer.getvalue())
     return twins
-
-
-def _learnt_trace(exp: Experiment, stage: str, sets: dict) -> float:
-    """What a learnability classifier took from the trigger's passage through the generator.
-
-    Its target rate on the variations of the triggered non-target test images minus that on
-    the variations of the same images without the trigger, made with the same noise. Both are
-    variations, the kind of input it was trained on, so this is blind to how well it reads
-    triggered originals (the weakness of its ASR on a Blended trigger), and the two sides
-    share its label noise: what is left is a trace of the trigger in the variations that it
-    learnt to answer with the target. 0 when there is none; SDEdit's faint blend is the
-    counter-example this is for.
-    """
-    recipe = exp.config.diagnostics.learnability
-    model, variables = load_classifier(exp, stage, recipe, exp.splits.train.num_classes)
-    predict_fn = train.make_predict_fn(model.apply, exp.mesh)
-    target = exp.config.attack.target
-
-    def target_rate(images_):
-        predicted = evaluate.predictions(
-            predict_fn, variables, images_, recipe.eval_batch_size, exp.mesh
-        )
-        return float(np.mean(predicted == target))
-
-    labels = exp.splits.test.labels[sets["subset"]]
-    clean_twins = sets["clean_variations"][labels != target]
-    return target_rate(sets["triggered_variations"]) - target_rate(clean_twins)
 
 
 def _trigger_detectability(exp: Experiment) -> dict:

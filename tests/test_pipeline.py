@@ -21,7 +21,6 @@ from jaxclean import (
     checkpointing,
     data,
     defense,
-    evaluate,
     experiment,
     generation,
     pipeline,
@@ -110,8 +109,6 @@ def test_launch_runs_every_stage_and_reports(full_run):
         "trigger_learnability/asr0_clean_model",
         "trigger_learnability/asr_clean_variations",
         "trigger_learnability/ra_clean_model",
-        "trigger_learnability/learnt_trace_trained_on_variations",
-        "trigger_learnability/learnt_trace_clean_model",
         "content_kept/teacher_accuracy_on_variations",
         "artefact_activation/target_rate_on_variations",
         "trigger_survival/difference",
@@ -278,12 +275,7 @@ def test_distillation_fields_retrain_only_the_distilled_models(run_copy, idx_dir
 def test_seed_summary_keeps_the_first_seed_and_adds_mean_and_spread():
     runs = [
         {"attack_success_rate": 0.01, "untriggered_target_rate": 0.03, "robust_accuracy": 0.2},
-        {
-            "attack_success_rate": 0.04,
-            "untriggered_target_rate": 0.03,
-            "robust_accuracy": 0.3,
-            "learnt_trace": 0.1,
-        },
+        {"attack_success_rate": 0.04, "untriggered_target_rate": 0.03, "robust_accuracy": 0.3},
     ]
     summary = generation.seed_summary("x", runs)
     assert summary["trigger_learnability/asr_x"] == 0.01
@@ -292,8 +284,6 @@ def test_seed_summary_keeps_the_first_seed_and_adds_mean_and_spread():
     assert summary["trigger_learnability/asr0_x_std"] == pytest.approx(0.0)
     assert summary["trigger_learnability/ra_x"] == 0.2
     assert summary["trigger_learnability/ra_x_mean"] == pytest.approx(0.25)
-    # A metric that one seed's record lacks is not summarised from the others.
-    assert not any("learnt_trace" in key for key in summary)
     # One seed: no spread to report; a record without ASR0 (older runs): none claimed.
     single = generation.seed_summary("x", [{"attack_success_rate": 0.02}])
     assert single == {"trigger_learnability/asr_x": 0.02}
@@ -326,36 +316,6 @@ def test_learnability_repeats_under_other_seeds_keep_the_first(run_copy, idx_dir
         np.array_equal(a, b)
         for a, b in zip(jax.tree.leaves(first_params), jax.tree.leaves(second_params))
     )
-
-
-@pytest.mark.slow
-def test_learnt_trace_is_the_target_rate_the_trigger_adds_on_variations(run_copy, idx_dir):
-    exp = experiment.Experiment(smoke_config(idx_dir), run_copy)
-    stage, recipe = "learnability/variations", exp.config.diagnostics.learnability
-    sets = generation._test_variation_sets(exp)
-    labels = exp.splits.test.labels[sets["subset"]]
-    twins = sets["clean_variations"][labels != exp.config.attack.target]
-    # Triggered variations that are their clean twins: nothing learnt, whatever the model.
-    assert generation._learnt_trace(exp, stage, dict(sets, triggered_variations=twins)) == 0.0
-    # Triggered variations that the classifier all calls the target: the trace is the rest.
-    # (The smoke run's tiny classifier may never answer class 0; the class it answers most
-    # stands in as the target, which only this measurement reads.)
-    model, variables = experiment.load_classifier(exp, stage, recipe, 10)
-    predict_fn = train.make_predict_fn(model.apply, exp.mesh)
-
-    def predicted(images):
-        return evaluate.predictions(predict_fn, variables, images, recipe.eval_batch_size, exp.mesh)
-
-    pool = np.concatenate([exp.splits.test.images, exp.splits.train.images])
-    answers = predicted(pool)
-    target = int(np.bincount(answers).argmax())
-    exp.config.attack.target = target
-    twins = sets["clean_variations"][labels != target]
-    called_target = pool[answers == target]
-    all_target = called_target[np.arange(len(twins)) % len(called_target)]
-    trace = generation._learnt_trace(exp, stage, dict(sets, triggered_variations=all_target))
-    assert trace == pytest.approx(1.0 - np.mean(predicted(twins) == target))
-    assert trace > 0.0
 
 
 def test_baselines_read_their_images_through_the_students_corruption():
