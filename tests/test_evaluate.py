@@ -6,6 +6,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import NUM_CLASSES, REPO, synthetic_images
 
 from configs import common
@@ -92,3 +93,23 @@ def test_blend_probe_splits_a_blend_into_its_contrast_and_pattern_parts():
         parts["contrast_and_level_only"][0, 0, 0, 0] - 0.8 * parts["original"][0, 0, 0, 0],
         atol=1.0,
     )
+
+
+def test_twin_comparison_finds_a_brightening_and_a_pixel_pattern():
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    from compare_twins import pair_statistics, pattern_correlation
+
+    rng = np.random.default_rng(0)
+    clean = rng.integers(20, 200, (50, 8, 8, 1)).astype(np.uint8)
+    pattern = rng.uniform(0, 255, (8, 8, 1))
+    # Twins that carry the pattern's pixels: +/- 10 grey levels where it is above/below mean.
+    traced = (clean + np.where(pattern > pattern.mean(), 10, -10)).astype(np.uint8)
+    brighter = (clean + 5).astype(np.uint8)
+    assert pattern_correlation(traced, clean, pattern) > 0.8
+    stats = pair_statistics(brighter, clean)
+    assert stats["mean_difference"] == pytest.approx(5.0)
+    assert stats["paired_accuracy_brighter"] == 1.0
+    assert stats["mean_absolute_pixel_difference"] == pytest.approx(5.0)
+    # Identical pairs: nothing separates them, every statistic at chance.
+    same = pair_statistics(clean, clean)
+    assert same["paired_accuracy_lower_std"] == 0.5 and same["mean_difference"] == 0.0
