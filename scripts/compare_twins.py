@@ -4,7 +4,8 @@ The diagnostics stage's detector (`jaxclean.detectability`) says whether the two
 apart; this says in what. For the variations and, beside them, for the sources (poisoned image
 against clean original), it prints the mean per-pair differences of image mean, standard
 deviation and share of near-black pixels, the paired accuracy that each of those statistics
-alone would reach as a detector, the mean absolute pixel difference, and, for a Blended
+alone would reach as a detector, the mean absolute pixel difference, the mean difference on the
+clean original's black background and on the rest, and, for a Blended
 trigger, the correlation of the average difference image with the blend pattern (a pixel trace
 of the pattern shows up there; a change the generator renders from the embedding does not).
 
@@ -83,8 +84,13 @@ def main(argv) -> None:
         black = np.zeros((1, *exp.splits.train.image_shape), np.uint8)
         blend = attacks.make_trigger(config.attack).apply(black, np.arange(1), stream="test")
         pattern = blend[0].astype(np.float64) / config.attack.trigger.ratio
+    # Where the clean original is black (the background) and where it is not (the garment).
+    background = exp.splits.train.images[indices] == 0
     for name, (triggered, clean) in pairs.items():
         result = pair_statistics(triggered, clean)
+        difference = triggered.astype(np.float64) - clean
+        result["difference_on_background"] = float(difference[background].mean())
+        result["difference_on_foreground"] = float(difference[~background].mean())
         if pattern is not None:
             result["pattern_correlation"] = pattern_correlation(triggered, clean, pattern)
         print(json.dumps({"pairs": name, **{k: round(v, 4) for k, v in result.items()}}))
