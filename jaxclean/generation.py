@@ -505,10 +505,11 @@ def diagnostics_stage(exp: Experiment) -> None:
     teacher_model, teacher_vars = load_classifier(
         exp, "teacher", exp.config.teacher, exp.splits.train.num_classes
     )
+    detector_split = _detector_split(exp)  # Before the minutes of training below.
     results = {}
     results.update(_teacher_on_test_variations(exp, teacher_model, teacher_vars))
     results.update(_trigger_learnability(exp))
-    results.update(_trigger_detectability(exp))
+    results.update(_trigger_detectability(exp, detector_split))
     if exp.is_writer:
         report.update_results(
             exp.workdir, diagnostics={f"{name}/{k}": v for k, v in results.items()}
@@ -731,7 +732,25 @@ def _clean_twin_variations(exp: Experiment) -> np.ndarray:
     return twins
 
 
-def _trigger_detectability(exp: Experiment) -> dict:
+def _detector_split(exp: Experiment) -> tuple[np.ndarray, np.ndarray]:
+    """The detector's (training, held-out) pairs, or a clear error before any work is done."""
+    config = exp.config.diagnostics
+    num_pairs = len(exp.plan.indices)
+    try:
+        fit_rows, held_rows = detectability.split_pairs(
+            num_pairs, config.detectability_held_out, exp.config.seed
+        )
+    except ValueError as e:
+        raise ConfigError(f"trigger detectability on {num_pairs} poisoned rows: {e}") from e
+    if 2 * len(fit_rows) < config.detectability.batch_size:
+        raise ConfigError(
+            f"diagnostics.detectability.batch_size {config.detectability.batch_size} is larger "
+            f"than the {2 * len(fit_rows)} images of the detector's {len(fit_rows)} training pairs"
+        )
+    return fit_rows, held_rows
+
+
+def _trigger_detectability(exp: Experiment, split: tuple[np.ndarray, np.ndarray]) -> dict:
     """Paired accuracy of a detector of the trigger's traces (`jaxclean.detectability`).
 
     On the variations (each poisoned row's variation against its clean twin's) and, as the
@@ -742,9 +761,7 @@ def _trigger_detectability(exp: Experiment) -> dict:
     recipe = config.detectability
     name = exp.config.regenerate.name
     indices = exp.plan.indices
-    fit_rows, held_rows = detectability.split_pairs(
-        len(indices), config.detectability_held_out, exp.config.seed
-    )
+    fit_rows, held_rows = split
     base = {**exp.poison_spec(), "recipe": recipe, "held_out": config.detectability_held_out}
 
     def variation_pairs():

@@ -214,6 +214,16 @@ def test_student_refuses_missing_or_foreign_inputs(full_run, idx_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_detector_too_few_pairs_for_its_batch_is_refused_before_training(run_copy, idx_dir):
+    config = smoke_config(idx_dir)
+    config.diagnostics.detectability.batch_size = 64  # The smoke run has 13 training pairs.
+    shutil.rmtree(os.path.join(run_copy, "learnability"))
+    with pytest.raises(pipeline.ConfigError, match=r"batch_size 64 is larger than the 26 images"):
+        pipeline.run(config, run_copy, "diagnostics")
+    assert not os.path.exists(os.path.join(run_copy, "learnability"))
+
+
+@pytest.mark.slow
 def test_evaluate_models_script_restores_a_metric_added_later(run_copy, idx_dir):
     path = os.path.join(run_copy, "report", "results.json")
     results = json.load(open(path))
