@@ -8,7 +8,8 @@ detector's paired accuracy and the teacher's accuracy on variations of clean tes
 content the cleaning costs):
 
   python scripts/probe_condition_cleanup.py --config configs/fashion_mnist_blended.py \\
-      --workdir runs/blended --cleanup median_autocontrast [--test_images 1000]
+      --workdir runs/blended --cleanup median_autocontrast [--embedding_noise 0.5] \\
+      [--test_images 1000]
 
 Cleanups (uint8 in, uint8 out, per image; none knows the trigger):
   none                 the method as it is (a check: its figures are the diagnostics')
@@ -40,6 +41,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "a workdir with a finished diagn
 _CLEANUP = flags.DEFINE_enum(
     "cleanup", "median_autocontrast", ["none", "median", "median_autocontrast"], "what to apply"
 )
+_EMBEDDING_NOISE = flags.DEFINE_float(
+    "embedding_noise", 0.0, "noise added to the embedding, in units of each feature's spread"
+)
 _TEST_IMAGES = flags.DEFINE_integer("test_images", 1000, "clean test images for content kept")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -69,16 +73,32 @@ CLEANUPS = {
 
 
 class CleanedConditions:
-    """The generator, with its encoder reading cleaned sources; everything else unchanged."""
+    """The generator, with its encoder reading cleaned sources and, optionally, Gaussian noise
+    of `embedding_noise` times each feature's spread over the batch added to the embedding
+    (conditioning augmentation, at sampling only); everything else unchanged.
 
-    def __init__(self, model, cleanup):
-        self._model, self._cleanup = model, cleanup
+    The noise is drawn from a fixed key by batch position, so a pair's two members, sampled in
+    the same positions of their batches, get the same noise.
+    """
+
+    def __init__(self, model, cleanup, embedding_noise: float = 0.0):
+        self._model, self._cleanup, self._noise = model, cleanup, embedding_noise
 
     def __getattr__(self, name):
         return getattr(self._model, name)
 
     def conditions(self, params, images, labels):
-        return self._model.conditions(params, self._cleanup(images), labels)
+        embedding = self._model.embed(params, self._cleanup(images))
+        if self._noise:
+            noise = jax.random.normal(jax.random.key(20261128), embedding.shape)
+            spread = embedding.std(axis=0, keepdims=True)
+            embedding = embedding + self._noise * spread * noise
+        keep = jnp.zeros(images.shape[0], bool)
+        table = params["label_table"]
+        return (
+            self._model.context(table, embedding, labels, keep),
+            self._model.context(table, embedding, labels, ~keep),
+        )
 
 
 def main(argv) -> None:
@@ -86,7 +106,9 @@ def main(argv) -> None:
     config, cleanup = _CONFIG.value, _CLEANUP.value
     exp = experiment.Experiment(config, _WORKDIR.value)
     mesh = sharding.local_mesh()
-    model = CleanedConditions(generation.build_generator(exp), CLEANUPS[cleanup])
+    noise = _EMBEDDING_NOISE.value
+    model = CleanedConditions(generation.build_generator(exp), CLEANUPS[cleanup], noise)
+    cleanup = cleanup if not noise else f"{cleanup}_embedding_noise_{noise:g}"
     params = generation.load_generator_params(
         model._model, os.path.join(exp.workdir, "generator", "model")
     )
@@ -130,6 +152,7 @@ def main(argv) -> None:
         "recipe": config.diagnostics.detectability,
         "held_out": held_out,
         "probe_cleanup": cleanup,
+        "embedding_noise": noise,
         "sampler": dataclasses.asdict(generation._sampler_settings(exp)),
     }
     metrics = generation._fit_detector(
