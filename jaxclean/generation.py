@@ -508,8 +508,9 @@ def diagnostics_stage(exp: Experiment) -> None:
     detector_split = _detector_split(exp)  # Before the minutes of training below.
     results = {}
     results.update(_teacher_on_test_variations(exp, teacher_model, teacher_vars))
-    results.update(_trigger_learnability(exp))
-    results.update(_trigger_detectability(exp, detector_split))
+    variations = load_variations(exp)
+    results.update(_trigger_learnability(exp, variations))
+    results.update(_trigger_detectability(exp, variations, detector_split))
     if exp.is_writer:
         report.update_results(
             exp.workdir, diagnostics={f"{name}/{k}": v for k, v in results.items()}
@@ -527,35 +528,18 @@ def _test_variation_sets(exp: Experiment) -> dict:
     non_target = subset[clean.labels != exp.config.attack.target]
     trigger = attacks.make_trigger(exp.config.attack)
     triggered_images = trigger.apply(test.images[non_target], non_target, stream="test")
-    path = os.path.join(variations_dir(exp), "test_variations.npz")
-    cached = None
-    if os.path.exists(path):
-        try:
-            with np.load(path) as f:
-                cached = {k: f[k] for k in f.files}
-        except (OSError, ValueError, EOFError):
-            cached = None
-    if cached is None or len(cached["clean"]) != len(subset):
-        mesh = sharding.local_mesh()
-        _, sample, params = _placed_sampler(exp, mesh)
-        batch = exp.config.regenerate.per_device_batch * mesh.size
-        # Test images get their own key so no variation shares noise with a training image.
-        key = jax.random.fold_in(jax.random.key(exp.config.regenerate.seed), 1)
-
-        def vary(images_, indices, labels):
-            return regenerate.sample_rows(
-                sample, params, images_, indices, labels, key, batch, mesh
-            )
-
-        cached = {
-            "clean": vary(clean.images, subset, clean.labels),
+    # Test images get their own key so no variation shares noise with a training image.
+    key = jax.random.fold_in(jax.random.key(exp.config.regenerate.seed), 1)
+    cached = _cached_variations(
+        exp,
+        "test_variations.npz",
+        lambda cached: len(cached["clean"]) == len(subset),
+        lambda vary: {
+            "clean": vary(clean.images, subset, clean.labels, key),
             # The same index as its clean twin: the same noise, so only the trigger differs.
-            "triggered": vary(triggered_images, non_target, test.labels[non_target]),
-        }
-        if exp.is_writer:
-            buffer = io.BytesIO()
-            np.savez(buffer, **cached)
-            atomic_write_bytes(path, buffer.getvalue())
+            "triggered": vary(triggered_images, non_target, test.labels[non_target], key),
+        },
+    )
     return {
         "subset": subset,
         "non_target": non_target,
@@ -622,7 +606,7 @@ def seed_summary(label: str, runs: list[dict]) -> dict:
     return summary
 
 
-def _trigger_learnability(exp: Experiment) -> dict:
+def _trigger_learnability(exp: Experiment, variations: ImageDataset) -> dict:
     """Can a plain classifier learn the trigger from the variations and their poisoned labels?
 
     Compared with the same classifier trained on the clean originals, and on the unpoisoned
@@ -638,7 +622,6 @@ def _trigger_learnability(exp: Experiment) -> dict:
     require_poison_plan(exp)
     recipe = exp.config.diagnostics.learnability
     name = exp.config.regenerate.name
-    variations = load_variations(exp)
     base = {
         **exp.poison_spec(),
         "recipe": recipe,
@@ -697,6 +680,37 @@ def _trigger_learnability(exp: Experiment) -> dict:
     return summary
 
 
+def _cached_variations(exp: Experiment, filename: str, is_current, make) -> dict:
+    """Arrays of variations cached in the variations directory as `filename`.
+
+    Read back while is_current(arrays) holds; otherwise (or when unreadable: a crash
+    mid-write predates the atomic rename) made by make(vary), where vary(images, indices,
+    labels, key) samples with the run's generator and sampler, and written atomically.
+    """
+    path = os.path.join(variations_dir(exp), filename)
+    if os.path.exists(path):
+        try:
+            with np.load(path) as f:
+                cached = {k: f[k] for k in f.files}
+            if is_current(cached):
+                return cached
+        except (OSError, ValueError, EOFError, KeyError):
+            pass
+    mesh = sharding.local_mesh()
+    _, sample, params = _placed_sampler(exp, mesh)
+    batch = exp.config.regenerate.per_device_batch * mesh.size
+
+    def vary(images_, indices, labels, key):
+        return regenerate.sample_rows(sample, params, images_, indices, labels, key, batch, mesh)
+
+    arrays = make(vary)
+    if exp.is_writer:
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        atomic_write_bytes(path, buffer.getvalue())
+    return arrays
+
+
 def _clean_twin_variations(exp: Experiment) -> np.ndarray:
     """Variations of the poisoned rows' clean sources, cached beside the variations.
 
@@ -705,31 +719,21 @@ def _clean_twin_variations(exp: Experiment) -> np.ndarray:
     through the source's pixels: the trigger.
     """
     indices = exp.plan.indices
-    path = os.path.join(variations_dir(exp), "clean_twins.npz")
-    if os.path.exists(path):
-        try:
-            with np.load(path) as cached:
-                if np.array_equal(cached["indices"], indices):
-                    return cached["images"]
-        except (OSError, ValueError, EOFError, KeyError):
-            pass  # Unreadable (a crash mid-write predates the atomic rename): sampled again.
-    mesh = sharding.local_mesh()
-    _, sample, params = _placed_sampler(exp, mesh)
-    twins = regenerate.sample_rows(
-        sample,
-        params,
-        exp.splits.train.images[indices],
-        indices,
-        exp.poisoned_train.labels[indices],
-        jax.random.key(exp.config.regenerate.seed),
-        exp.config.regenerate.per_device_batch * mesh.size,
-        mesh,
+    cached = _cached_variations(
+        exp,
+        "clean_twins.npz",
+        lambda cached: np.array_equal(cached["indices"], indices),
+        lambda vary: {
+            "indices": indices,
+            "images": vary(
+                exp.splits.train.images[indices],
+                indices,
+                exp.poisoned_train.labels[indices],
+                jax.random.key(exp.config.regenerate.seed),
+            ),
+        },
     )
-    if exp.is_writer:
-        buffer = io.BytesIO()
-        np.savez(buffer, indices=indices, images=twins)
-        atomic_write_bytes(path, buffer.getvalue())
-    return twins
+    return cached["images"]
 
 
 def _detector_split(exp: Experiment) -> tuple[np.ndarray, np.ndarray]:
@@ -750,7 +754,9 @@ def _detector_split(exp: Experiment) -> tuple[np.ndarray, np.ndarray]:
     return fit_rows, held_rows
 
 
-def _trigger_detectability(exp: Experiment, split: tuple[np.ndarray, np.ndarray]) -> dict:
+def _trigger_detectability(
+    exp: Experiment, variations: ImageDataset, split: tuple[np.ndarray, np.ndarray]
+) -> dict:
     """Paired accuracy of a detector of the trigger's traces (`jaxclean.detectability`).
 
     On the variations (each poisoned row's variation against its clean twin's) and, as the
@@ -765,7 +771,7 @@ def _trigger_detectability(exp: Experiment, split: tuple[np.ndarray, np.ndarray]
     base = {**exp.poison_spec(), "recipe": recipe, "held_out": config.detectability_held_out}
 
     def variation_pairs():
-        return load_variations(exp).images[indices], _clean_twin_variations(exp)
+        return variations.images[indices], _clean_twin_variations(exp)
 
     def source_pairs():
         return exp.poisoned_train.images[indices], exp.splits.train.images[indices]
