@@ -168,6 +168,23 @@ def generator_config(**overrides) -> ml_collections.ConfigDict:
             # images only, it recognised 0.258 of Blended-triggered test images (0.871 with
             # this), and its embeddings of them made shapeless variations.
             encoder=classifier_recipe(num_epochs=20, lr_decay_epochs=(14, 18), corruption=0.5),
+            # The last phase (generator.encoder_invariance_step): the encoder fine-tuned so
+            # that a mildly corrupted source (contrast >= min_contrast towards any level, pixel
+            # noise) embeds where its clean image does. A classifier recognises such images
+            # without its features holding still: a Blended trigger moved the embedding as far
+            # as the nearest trusted image is away, and the generator rendered the move.
+            # num_epochs 0: off (the spec of a generator made without it).
+            encoder_invariance=dict(
+                num_epochs=0,
+                learning_rate=1e-3,
+                batch_size=128,
+                min_contrast=0.7,
+                max_noise_std=0.2,
+                corrupted_weight=4.0,
+                ema_decay=0.99,
+                log_every_steps=50,
+                checkpoint_every_steps=0,
+            ),
             # Two levels: 16x16x4 latents. A probe with three (8x8x4) capped the teacher's
             # accuracy on plain VAE reconstructions at 0.83 (0.92 on the originals): the
             # latent lost the details that tell shirts from T-shirts; two levels gave 0.88

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import os
@@ -76,6 +77,7 @@ def validate_config(config) -> None:
         cond_corruption = config.generator.get("cond_corruption", 0.0)
         if not 0.0 <= cond_corruption <= 1.0:
             raise ConfigError(f"generator.cond_corruption {cond_corruption} must be in [0, 1]")
+        _validate_invariance(config.generator.get("encoder_invariance"))
     try:
         sampler_lib.SamplerSettings(
             steps=config.regenerate.steps,
@@ -93,6 +95,25 @@ def validate_config(config) -> None:
     seeds = config.diagnostics.get("learnability_seeds", 1)
     if not isinstance(seeds, int) or seeds < 1:
         raise ConfigError(f"diagnostics.learnability_seeds must be an integer >= 1, got {seeds!r}")
+
+
+def _validate_invariance(invariance) -> None:
+    name = "generator.encoder_invariance"
+    if invariance is None:
+        return
+    if invariance.num_epochs < 0:
+        raise ConfigError(f"{name}.num_epochs must be >= 0")
+    if not invariance.num_epochs:
+        return
+    if not 0.0 < invariance.min_contrast <= 1.0:
+        raise ConfigError(f"{name}.min_contrast {invariance.min_contrast} must be in (0, 1]")
+    for field in ("max_noise_std", "corrupted_weight"):
+        if invariance[field] < 0:
+            raise ConfigError(f"{name}.{field} {invariance[field]} must be >= 0")
+    if invariance.learning_rate <= 0:
+        raise ConfigError(f"{name}.learning_rate {invariance.learning_rate} must be > 0")
+    if not 0.0 <= invariance.ema_decay < 1.0:
+        raise ConfigError(f"{name}.ema_decay {invariance.ema_decay} must be in [0, 1)")
 
 
 def generator_split(exp: Experiment) -> ImageDataset:
@@ -130,15 +151,23 @@ def encoder_stage(exp: Experiment) -> None:
     train_classifier(exp, "encoder", split, exp.config.generator.encoder, spec)
 
 
+def generator_weights_config(gen_config) -> dict:
+    """The generator config as far as it decides the weights (its part of the stage's spec)."""
+    gen = gen_config.to_dict()
+    gen.pop("pretrained", None)  # Where the weights come from does not change what they are.
+    if not gen.get("encoder_invariance", {}).get("num_epochs", 0):
+        # Off: the spec of a generator made before the phase existed.
+        gen.pop("encoder_invariance", None)
+    return gen
+
+
 def _generator_spec(exp: Experiment, split: ImageDataset) -> dict:
     """What decides the generator's weights, and nothing else: its config, the seed, and the
     exact images it learns from. So a generator trained once (on the same trusted split) can be
     adopted by any attack config or training subset, as the paper adopts a pretrained model."""
-    gen = exp.config.generator.to_dict()
-    gen.pop("pretrained", None)  # Where the weights come from does not change what they are.
     return {
         "seed": exp.config.seed,
-        "generator": gen,
+        "generator": generator_weights_config(exp.config.generator),
         "train_split": exp.config.generator.train_split,
         "split_fingerprint": split.fingerprint(),
         "image_shape": list(split.image_shape),
@@ -166,10 +195,10 @@ def generator_stage(exp: Experiment) -> None:
     record.claim()
     model = build_generator(exp)
     pretrained = exp.config.generator.get("pretrained", "")
+    invariance = exp.config.generator.get("encoder_invariance")
     if pretrained:
         # Copied into this workdir, so the run stays whole if the other one is deleted.
-        params = _adopt_pretrained(model, pretrained, record.spec)
-        checkpointing.save_tree(record.path("model"), jax.device_get(params))
+        params, has_invariance = _adopt_pretrained(model, pretrained, record.spec)
     else:
         encoder_model, encoder_variables = load_classifier(
             exp, "encoder", exp.config.generator.encoder, split.num_classes
@@ -184,7 +213,19 @@ def generator_stage(exp: Experiment) -> None:
             exp.writer,
             exp.config.seed,
         )
-        checkpointing.save_tree(record.path("model"), jax.device_get(params))
+        has_invariance = False
+    if invariance is not None and not has_invariance:
+        params = trainer.train_encoder_invariance(
+            model,
+            params,
+            split,
+            invariance,
+            record.directory,
+            exp.mesh,
+            exp.writer,
+            exp.config.seed,
+        )
+    checkpointing.save_tree(record.path("model"), jax.device_get(params))
     if exp.is_writer:
         _save_samples(exp, model, params, split, record.path("samples.png"))
         record.mark_done(
@@ -247,8 +288,9 @@ def _hub_generator_stage(exp: Experiment) -> None:
     log(f"generator: {exp.config.generator.model} ready; samples in {record.path('samples.png')}")
 
 
-def _adopt_pretrained(model, directory: str, spec: dict):
-    """Loads a generator trained elsewhere, if it was trained from this very config and split.
+def _adopt_pretrained(model, directory: str, spec: dict) -> tuple[dict, bool]:
+    """Loads a generator trained elsewhere, if it was trained from this very config and split
+    (or from it less the encoder-invariance phase: the bool is whether it has had the phase).
 
     `directory` is a finished generator stage (WORKDIR/generator) or a shipped copy of one
     (spec.json, done.json and model.msgpack, as in pretrained/).
@@ -260,16 +302,21 @@ def _adopt_pretrained(model, directory: str, spec: dict):
             f"pretrained generator {directory!r} has no finished generator stage; pass "
             "--config.generator.pretrained= to train one in this run"
         )
-    theirs = read_json(spec_path)
-    if theirs != to_jsonable(spec):
-        changes = "; ".join(differences(theirs, to_jsonable(spec))[:6])
+    theirs, ours = read_json(spec_path), to_jsonable(spec)
+    # A generator made without the encoder-invariance phase, in a run that wants it: the phase
+    # is its last step and reads only the finished weights, so it can be added here.
+    before_phase = copy.deepcopy(ours)
+    before_phase["generator"].pop("encoder_invariance", None)
+    if theirs != ours and theirs != before_phase:
+        changes = "; ".join(differences(theirs, ours)[:6])
         raise ConfigError(
             f"pretrained generator {directory!r} was made from another config or trusted split "
             f"({changes}); retrain it or fix generator.pretrained"
         )
+    has_invariance = theirs == ours
     exported = os.path.join(directory, EXPORT_FILE)
     if not os.path.exists(exported):
-        return load_generator_params(model, os.path.join(directory, "model"))
+        return load_generator_params(model, os.path.join(directory, "model")), has_invariance
     with open(exported, "rb") as f:
         blob = f.read()
     expected = read_json(done_path).get("model_sha256")
@@ -278,7 +325,8 @@ def _adopt_pretrained(model, directory: str, spec: dict):
             f"pretrained generator {exported} does not match the sha256 in its done.json "
             "(corrupted or replaced): refusing it"
         )
-    return check_generator_params(model, flax.serialization.msgpack_restore(blob), exported)
+    params = check_generator_params(model, flax.serialization.msgpack_restore(blob), exported)
+    return params, has_invariance
 
 
 def load_generator_params(model, path: str) -> dict:

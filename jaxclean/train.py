@@ -115,18 +115,23 @@ def augment_images(images: jax.Array, keys: jax.Array, augment: Augment) -> jax.
 
 
 def corrupt_image(
-    image: jax.Array, key: jax.Array, probability: float, max_noise_std: float = 0.2
+    image: jax.Array,
+    key: jax.Array,
+    probability: float,
+    max_noise_std: float = 0.2,
+    min_contrast: float = 0.5,
 ) -> jax.Array:
     """With `probability`, a random contrast, brightness and pixel-noise corruption of `image`.
 
-    x' = c * x + (1 - c) * b + s * n: contrast c ~ U(0.5, 1) towards a flat level b ~ U(-1, 1),
-    plus Gaussian pixel noise n of std s ~ U(0, max_noise_std), clipped to [-1, 1]; the common
-    photometric corruptions of corruption-robustness benchmarks (ImageNet-C's contrast,
-    brightness and Gaussian noise), at strengths that leave the content recognisable. With
-    max_noise_std 0 the draws are the same and only the noise is gone.
+    x' = c * x + (1 - c) * b + s * n: contrast c ~ U(min_contrast, 1) towards a flat level
+    b ~ U(-1, 1), plus Gaussian pixel noise n of std s ~ U(0, max_noise_std), clipped to
+    [-1, 1]; the common photometric corruptions of corruption-robustness benchmarks
+    (ImageNet-C's contrast, brightness and Gaussian noise), at strengths that leave the content
+    recognisable. With max_noise_std 0 the draws are the same and only the noise is gone; a
+    higher min_contrast keeps the draws mild.
     """
     apply_key, contrast_key, level_key, amount_key, noise_key = jax.random.split(key, 5)
-    contrast = jax.random.uniform(contrast_key, (), minval=0.5, maxval=1.0)
+    contrast = jax.random.uniform(contrast_key, (), minval=min_contrast, maxval=1.0)
     level = jax.random.uniform(level_key, (), minval=-1.0, maxval=1.0)
     amount = jax.random.uniform(amount_key, (), maxval=max_noise_std)
     noise = jax.random.normal(noise_key, image.shape)

@@ -27,6 +27,7 @@ import sys
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, REPO)
 
+import flax.serialization  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -43,6 +44,9 @@ _CLEANUP = flags.DEFINE_enum(
 )
 _EMBEDDING_NOISE = flags.DEFINE_float(
     "embedding_noise", 0.0, "noise added to the embedding, in units of each feature's spread"
+)
+_ENCODER = flags.DEFINE_string(
+    "encoder", "", "encoder variables (flax msgpack) to embed with instead of the generator's own"
 )
 _TEST_IMAGES = flags.DEFINE_integer("test_images", 1000, "clean test images for content kept")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -112,6 +116,10 @@ def main(argv) -> None:
     params = generation.load_generator_params(
         model._model, os.path.join(exp.workdir, "generator", "model")
     )
+    if _ENCODER.value:
+        with open(_ENCODER.value, "rb") as file:
+            params["encoder"] = flax.serialization.from_bytes(params["encoder"], file.read())
+        cleanup = f"{cleanup}_encoder_{os.path.basename(_ENCODER.value).split('.')[0]}"
     params = jax.device_put(params, sharding.replicated(mesh))
     sample = sampler_lib.make_sampler(model, generation._sampler_settings(exp), mesh)
     batch = config.regenerate.per_device_batch * mesh.size
@@ -153,6 +161,7 @@ def main(argv) -> None:
         "held_out": held_out,
         "probe_cleanup": cleanup,
         "embedding_noise": noise,
+        "encoder": _ENCODER.value,
         "sampler": dataclasses.asdict(generation._sampler_settings(exp)),
     }
     metrics = generation._fit_detector(

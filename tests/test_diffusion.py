@@ -17,6 +17,7 @@ from jaxclean import checkpointing, sharding, train
 from jaxclean.data import ImageDataset
 from jaxclean.diffusion import adapter, generator, sampler, trainer
 from jaxclean.experiment import ConfigError
+from jaxclean.metrics import MetricWriter
 
 
 def test_ddim_matches_diffusers_flax_scheduler():
@@ -227,3 +228,66 @@ def test_denoiser_can_be_conditioned_on_corrupted_sources():
     as_clean = dict(plain, embedding=corrupted[:, 0])
     np.testing.assert_allclose(loss(all_copies_alike, 1.0), loss(as_clean, 0.0), rtol=1e-6)
     assert loss(fields, 1.0) != loss(fields, 0.0)
+
+
+def _invariance_config(**overrides):
+    config = smoke.get_config().generator.encoder_invariance
+    config.update(dict(num_epochs=10, batch_size=16, learning_rate=3e-3, ema_decay=0.0))
+    config.update(overrides)
+    return config
+
+
+def test_encoder_invariance_holds_the_embedding_still_under_corruption(tmp_path):
+    """The phase pulls corrupted images' embeddings to their clean images' (as the encoder
+    gave them before it), leaves the clean embeddings near where they were and every other
+    weight alone, resumes from its checkpoint, and with 0 epochs is a no-op."""
+    model = tiny_model()
+    mesh = sharding.make_mesh()
+    params = trainer.random_params(model, jax.random.key(0))
+    images, labels = synthetic_images(64, seed=0)
+    dataset = ImageDataset(images[..., None], labels.astype(np.int32), tuple("0123456789"))
+    config = _invariance_config()
+    corrupted = np.asarray(
+        jax.vmap(
+            lambda image, key: train.corrupt_image(
+                image, key, 1.0, config.max_noise_std, config.min_contrast
+            )
+        )(train.normalize(dataset.images), jax.random.split(jax.random.key(7), 64))
+    )
+    corrupted = np.round((corrupted + 1.0) * 127.5).astype(np.uint8)
+
+    def gap(params_, other):
+        return float(
+            np.mean((model.embed(params_, other) - model.embed(params, images[..., None])) ** 2)
+        )
+
+    writer = MetricWriter(str(tmp_path / "tensorboard"))
+    tuned = trainer.train_encoder_invariance(
+        model, params, dataset, config, str(tmp_path), mesh, writer, seed=0
+    )
+    before, after = gap(params, corrupted), gap(tuned, corrupted)
+    assert after < 0.6 * before, (before, after)
+    assert gap(tuned, images[..., None]) < after  # Clean embeddings stay near their anchor.
+    for key in ("vae", "unet", "label_table", "embed_mean", "embed_std", "latent_scale"):
+        jax.tree.map(np.testing.assert_array_equal, tuned[key], params[key])
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        tuned["encoder"]["batch_stats"],
+        params["encoder"]["batch_stats"],
+    )
+    # A rerun finds the finished phase's checkpoint and gives the same weights.
+    again = trainer.train_encoder_invariance(
+        model, params, dataset, config, str(tmp_path), mesh, writer, seed=0
+    )
+    jax.tree.map(np.testing.assert_array_equal, again["encoder"], tuned["encoder"])
+    off = trainer.train_encoder_invariance(
+        model,
+        params,
+        dataset,
+        _invariance_config(num_epochs=0),
+        str(tmp_path / "off"),
+        mesh,
+        writer,
+        seed=0,
+    )
+    assert off is params

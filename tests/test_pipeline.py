@@ -522,6 +522,16 @@ def test_poison_plan_that_would_differ_is_refused(idx_dir, tmp_path):
             pipeline.ConfigError,
             r"generator.cond_corruption -0.5",
         ),
+        (
+            lambda c: c.generator.encoder_invariance.update(num_epochs=2, min_contrast=0.0),
+            pipeline.ConfigError,
+            r"generator.encoder_invariance.min_contrast 0.0 must be in \(0, 1\]",
+        ),
+        (
+            lambda c: c.generator.encoder_invariance.update(num_epochs=-1),
+            pipeline.ConfigError,
+            r"generator.encoder_invariance.num_epochs must be >= 0",
+        ),
     ],
 )
 def test_bad_input_fails_before_any_work(idx_dir, tmp_path, mutate, error, message):
@@ -632,6 +642,43 @@ def test_pretrained_generator_is_adopted_only_with_matching_provenance(full_run,
     other.generator.cond_dropout = 0.2
     with pytest.raises(pipeline.ConfigError, match="made from another config.*cond_dropout"):
         pipeline.run(other, str(tmp_path / "other"), "generator")
+
+
+@pytest.mark.slow
+def test_encoder_invariance_phase_is_added_to_a_generator_made_without_it(
+    full_run, idx_dir, tmp_path
+):
+    """A run that wants the phase adopts a generator made without it and adds it (the encoder
+    changes, nothing else); a generator that has had it is adopted as it is; one that has had
+    another phase is refused."""
+    workdir, _ = full_run
+    config = smoke_config(idx_dir)
+    config.generator.pretrained = os.path.join(workdir, "generator")
+    config.generator.encoder_invariance.update(num_epochs=1, batch_size=16)
+    tuned_dir = str(tmp_path / "tuned")
+    pipeline.run(config, tuned_dir, "generator")
+    theirs = checkpointing.load_tree(os.path.join(workdir, "generator", "model"))
+    tuned = checkpointing.load_tree(os.path.join(tuned_dir, "generator", "model"))
+    jax.tree.map(np.testing.assert_array_equal, tuned["unet"], theirs["unet"])
+    changed = jax.tree.map(
+        lambda a, b: not np.array_equal(a, b),
+        tuned["encoder"]["params"],
+        theirs["encoder"]["params"],
+    )
+    assert all(jax.tree.leaves(changed))
+    spec = json.load(open(os.path.join(tuned_dir, "generator", "spec.json")))
+    assert spec["generator"]["encoder_invariance"]["num_epochs"] == 1
+
+    config.generator.pretrained = os.path.join(tuned_dir, "generator")
+    again = str(tmp_path / "again")
+    pipeline.run(config, again, "generator")
+    adopted = checkpointing.load_tree(os.path.join(again, "generator", "model"))
+    jax.tree.map(np.testing.assert_array_equal, adopted, tuned)
+    assert not os.path.exists(os.path.join(again, "generator", "encoder_invariance_checkpoints"))
+
+    config.generator.encoder_invariance.num_epochs = 2
+    with pytest.raises(pipeline.ConfigError, match="encoder_invariance"):
+        pipeline.run(config, str(tmp_path / "other"), "generator")
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ import optax
 
 from jaxclean.diffusion import adapter
 from jaxclean.models import make_classifier
-from jaxclean.train import normalize, sample_keys
+from jaxclean.train import corrupt_image, normalize, sample_keys
 
 CONDITIONS = ("embedding", "label", "embedding+label")
 
@@ -301,6 +301,55 @@ def denoiser_train_step(
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     new_state = state.apply_gradients(grads, ema_decay)
     return new_state, {"loss": loss, **_norms(grads, state.params)}
+
+
+def encoder_invariance_step(
+    state: EMATrainState,
+    anchor: dict,
+    batch,
+    rng,
+    *,
+    model: LatentDiffusion,
+    corrupted_weight: float,
+    min_contrast: float,
+    max_noise_std: float,
+    ema_decay: float,
+):
+    """One step of making the encoder's embedding blind to mild photometric corruption.
+
+    A classifier's features need not be invariant to what its predictions are invariant to:
+    the encoder recognises a corrupted image, yet its embedding moves with the corruption about
+    as far as a Blended trigger moves it, and the generator renders that move. Here the
+    embedding of each image, and of a corrupted copy (train.corrupt_image, from the image's
+    own key), are both pulled to the embedding `anchor` (the encoder the denoiser was trained
+    with, and the standardisation) gives the clean image: the denoiser keeps reading embeddings
+    it knows, while an overlay on the source stops moving them. Only the encoder's weights
+    train; its batch statistics stay the anchor's.
+
+    state.params: the encoder's "params" collection.
+    anchor: {"encoder": variables, "embed_mean", "embed_std"}.
+    """
+    images = normalize(batch["image"])
+    corrupted = jax.vmap(
+        lambda image, key: corrupt_image(image, key, 1.0, max_noise_std, min_contrast)
+    )(images, sample_keys(rng, batch["index"]))
+    frozen = anchor["encoder"]
+
+    def embed(variables, x):
+        features = model.encoder.apply(variables, x, train=False, return_features=True)
+        return (features - anchor["embed_mean"]) / anchor["embed_std"]
+
+    target = embed(frozen, images)
+
+    def loss_fn(params):
+        variables = {**frozen, "params": params}
+        drift = jnp.mean((embed(variables, images) - target) ** 2)
+        gap = jnp.mean((embed(variables, corrupted) - target) ** 2)
+        return drift + corrupted_weight * gap, {"clean_drift": drift, "corrupted_gap": gap}
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    new_state = state.apply_gradients(grads, ema_decay)
+    return new_state, {"loss": loss, **aux, **_norms(grads, state.params)}
 
 
 def init_denoiser_params(model: LatentDiffusion, rng) -> dict:

@@ -22,6 +22,7 @@ from jaxclean.diffusion.generator import (
     EMATrainState,
     LatentDiffusion,
     denoiser_train_step,
+    encoder_invariance_step,
     init_denoiser_params,
     vae_train_step,
 )
@@ -152,6 +153,56 @@ def train_denoiser(
         mesh,
     )
     return _fit_phase("unet", state, step, fields, config, seed + 1, directory, mesh, writer)
+
+
+def train_encoder_invariance(
+    model: LatentDiffusion,
+    params: dict,
+    dataset: ImageDataset,
+    config,
+    directory: str,
+    mesh,
+    writer: MetricWriter,
+    seed: int,
+) -> dict:
+    """Phase 3: the encoder fine-tuned so that mild corruption of a source stops moving its
+    embedding (generator.encoder_invariance_step), after the denoiser has learned on its
+    embeddings. Returns `params` with the new encoder; with num_epochs 0, `params` as given."""
+    if not config.num_epochs:
+        return params
+    steps = config.num_epochs * (len(dataset) // config.batch_size)
+    tx = _adam(optax.cosine_decay_schedule(config.learning_rate, steps))
+    anchor = {key: params[key] for key in ("encoder", "embed_mean", "embed_std")}
+    state = jax.jit(
+        # Copies: the step donates the state, and these buffers are also the anchor's.
+        lambda encoder: EMATrainState.create(jax.tree.map(jnp.copy, encoder), tx),
+        out_shardings=sharding.replicated(mesh),
+    )(params["encoder"]["params"])
+    jitted = train.jit_step(
+        functools.partial(
+            encoder_invariance_step,
+            model=model,
+            corrupted_weight=config.corrupted_weight,
+            min_contrast=config.min_contrast,
+            max_noise_std=config.max_noise_std,
+            ema_decay=config.ema_decay,
+        ),
+        mesh,
+        num_static_args=1,
+    )
+    anchor = jax.device_put(anchor, sharding.replicated(mesh))
+    encoder = _fit_phase(
+        "encoder_invariance",
+        state,
+        lambda state_, batch, rng: jitted(state_, anchor, batch, rng),
+        dataset,
+        config,
+        seed + 3,
+        directory,
+        mesh,
+        writer,
+    )
+    return {**params, "encoder": {**params["encoder"], "params": encoder}}
 
 
 def train_generator(
