@@ -113,3 +113,21 @@ def test_twin_comparison_finds_a_brightening_and_a_pixel_pattern():
     # Identical pairs: nothing separates them, every statistic at chance.
     same = pair_statistics(clean, clean)
     assert same["paired_accuracy_lower_std"] == 0.5 and same["mean_difference"] == 0.0
+
+
+def test_embedding_moves_separate_a_common_shift_from_scatter():
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    from embedding_moves import embedding_moves
+
+    trusted = np.array([[0.0, 0.0], [10.0, 0.0]])
+    clean = np.array([[1.0, 0.0], [2.0, 0.0], [9.0, 0.0], [8.0, 0.0]])  # 1, 2, 1, 2 away.
+    shifted = embedding_moves(clean, clean + np.array([4.5, 0.0]), trusted)
+    assert shifted["move"] == pytest.approx(4.5) and shifted["mean_shift"] == pytest.approx(4.5)
+    assert shifted["nearest_trusted"] == pytest.approx(1.5)
+    # The shift takes the two rows near the first point past the midpoint; the others stay.
+    assert shifted["same_nearest"] == 0.5
+    # Moves that cancel over the rows: as long, but no common part, and no neighbour changes.
+    signs = np.array([1.0, -1.0, 1.0, -1.0])[:, None]
+    scattered = embedding_moves(clean, clean + signs * np.array([0.0, 0.2]), trusted)
+    assert scattered["move"] == pytest.approx(0.2) and scattered["mean_shift"] == pytest.approx(0.0)
+    assert scattered["same_nearest"] == 1.0
