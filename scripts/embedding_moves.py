@@ -24,18 +24,14 @@ REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import argparse  # noqa: E402
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 from probe_blend_parts import blend_parts  # noqa: E402
+from probe_contrast import load_config  # noqa: E402
 
 from jaxclean import experiment, generation  # noqa: E402
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file")
-_WORKDIR = flags.DEFINE_string("workdir", None, "a workdir with a poison plan")
-_GENERATORS = flags.DEFINE_list("generators", None, "generator checkpoints (WORKDIR/.../model)")
-flags.mark_flags_as_required(["config", "workdir", "generators"])
 
 
 def embedding_moves(
@@ -60,10 +56,14 @@ def embedding_moves(
     }
 
 
-def main(argv) -> None:
-    del argv
-    config = _CONFIG.value
-    exp = experiment.Experiment(config, _WORKDIR.value)
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--workdir", required=True, help="a workdir with a poison plan")
+    parser.add_argument("--generators", required=True, help="comma-separated checkpoints")
+    args = parser.parse_args()
+    config = load_config(args.config)
+    exp = experiment.Experiment(config, args.workdir)
     model = generation.build_generator(exp)
     rows = exp.plan.indices
     clean, triggered = exp.splits.train.images[rows], exp.poisoned_train.images[rows]
@@ -72,7 +72,7 @@ def main(argv) -> None:
     if config.attack.name == "blended":
         split = blend_parts(clean, triggered, config.attack.trigger.ratio)
         parts = {k: split[k] for k in ("contrast_and_level_only", "pattern_noise_only")}
-    for path in _GENERATORS.value:
+    for path in args.generators.split(","):
         params = generation.load_generator_params(model, path)
         embed = jax.jit(lambda images, params=params: model.embed(params, images))
 
@@ -91,4 +91,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()
