@@ -97,12 +97,7 @@ class CleanedConditions:
             noise = jax.random.normal(jax.random.key(20261128), embedding.shape)
             spread = embedding.std(axis=0, keepdims=True)
             embedding = embedding + self._noise * spread * noise
-        keep = jnp.zeros(images.shape[0], bool)
-        table = params["label_table"]
-        return (
-            self._model.context(table, embedding, labels, keep),
-            self._model.context(table, embedding, labels, ~keep),
-        )
+        return self._model.guidance_contexts(params, embedding, labels)
 
 
 def main(argv) -> None:

@@ -146,8 +146,11 @@ class LatentDiffusion:
 
     def conditions(self, params: dict, images_uint8, labels):
         """(conditional, unconditional) cross-attention tokens for classifier-free guidance."""
-        embedding = self.embed(params, images_uint8)
-        keep = jnp.zeros(images_uint8.shape[0], bool)
+        return self.guidance_contexts(params, self.embed(params, images_uint8), labels)
+
+    def guidance_contexts(self, params: dict, embedding, labels):
+        """`conditions` from an embedding already made (a probe may have altered it)."""
+        keep = jnp.zeros(embedding.shape[0], bool)
         return (
             self.context(params["label_table"], embedding, labels, keep),
             self.context(params["label_table"], embedding, labels, ~keep),
