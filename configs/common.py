@@ -281,6 +281,9 @@ def regenerate_config(**overrides) -> ml_collections.ConfigDict:
             # uint8 values below it are set to 0 in each variation (0: off); see
             # fashion_mnist_config for why and what it measured.
             black_level=0,
+            # The probability that the encoder reads a randomly corrupted copy of each source
+            # (SamplerSettings.condition_corruption); 0: off.
+            condition_corruption=0.0,
             shard_size=2048,  # Images per output file; a rerun skips finished shards.
             per_device_batch=128,
             seed=0,

@@ -84,6 +84,7 @@ def validate_config(config) -> None:
             eta=config.regenerate.eta,
             guidance=config.regenerate.guidance,
             strength=config.regenerate.strength,
+            condition_corruption=config.regenerate.get("condition_corruption", 0.0),
         )
     except sampler_lib.SamplerError as e:
         raise ConfigError(str(e)) from e
@@ -393,9 +394,19 @@ def _sampler_settings(exp: Experiment) -> sampler_lib.SamplerSettings:
             color_transfer=config.color_transfer,
             # Absent from configs written before it existed (their specs stay as they were).
             black_level=config.get("black_level", 0),
+            condition_corruption=config.get("condition_corruption", 0.0),
         )
     except sampler_lib.SamplerError as e:
         raise ConfigError(str(e)) from e
+
+
+def regenerate_settings_config(regen_config) -> dict:
+    """config.regenerate as the regenerate stage's spec records it."""
+    regen = regen_config.to_dict()
+    if not regen.get("condition_corruption", 0.0):
+        # Off: the spec of variations made before the option existed.
+        regen.pop("condition_corruption", None)
+    return regen
 
 
 def variations_dir(exp: Experiment) -> str:
@@ -418,7 +429,7 @@ def _regenerate_record(exp: Experiment):
         )
     spec = {
         **exp.poison_spec(),
-        "regenerate": exp.config.regenerate,
+        "regenerate": regenerate_settings_config(exp.config.regenerate),
         "generator": generator_record["spec_fingerprint"],
         "poisoned_fingerprint": exp.plan.poisoned_fingerprint,
     }

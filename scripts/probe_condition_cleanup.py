@@ -108,6 +108,9 @@ def main(argv) -> None:
     noise = _EMBEDDING_NOISE.value
     model = CleanedConditions(generation.build_generator(exp), CLEANUPS[cleanup], noise)
     cleanup = cleanup if not noise else f"{cleanup}_embedding_noise_{noise:g}"
+    smoothing = config.regenerate.get("condition_corruption", 0.0)
+    if smoothing:  # The sampler's own option (regenerate.condition_corruption).
+        cleanup = f"{cleanup}_condition_corruption_{smoothing:g}"
     params = generation.load_generator_params(
         model._model, os.path.join(exp.workdir, "generator", "model")
     )
@@ -157,7 +160,12 @@ def main(argv) -> None:
         "probe_cleanup": cleanup,
         "embedding_noise": noise,
         "encoder": _ENCODER.value,
-        "sampler": dataclasses.asdict(generation._sampler_settings(exp)),
+        # Without condition_corruption when off: the spec of the probes made before it.
+        "sampler": {
+            k: v
+            for k, v in dataclasses.asdict(generation._sampler_settings(exp)).items()
+            if k != "condition_corruption" or v
+        },
     }
     metrics = generation._fit_detector(
         exp, f"detectability/probe_{cleanup}", spec, pairs, fit_rows, held_rows

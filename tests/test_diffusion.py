@@ -65,6 +65,7 @@ def test_strength_runs_only_the_last_part_of_the_schedule():
         (dict(guidance=0.5), "guidance"),
         (dict(eta=-1.0), "eta"),
         (dict(black_level=256), r"black_level 256 must be in \[0, 255\]"),
+        (dict(condition_corruption=1.5), r"condition_corruption 1.5 must be in \[0, 1\]"),
     ],
 )
 def test_bad_sampler_settings(settings, message):
@@ -89,8 +90,53 @@ def test_colour_transfer_matches_source_statistics():
     np.testing.assert_allclose(out.std((1, 2)), source.std((1, 2)), rtol=1e-3)
 
 
-def tiny_model():
-    return generator.build(smoke.get_config().generator, (28, 28, 1), 10)
+def tiny_model(condition="embedding"):
+    config = smoke.get_config().generator
+    config.condition = condition
+    return generator.build(config, (28, 28, 1), 10)
+
+
+def test_condition_corruption_changes_only_what_the_encoder_reads():
+    """Each source's corrupted copy comes from its own key (not its batch), the pixels and
+    noise of the variation are those of a run without the option, and it reaches the output
+    only through the condition."""
+    images, labels = synthetic_images(6, seed=1)
+    images, labels = images[..., None], labels.astype(np.int32)
+    keys = sampler.sample_keys(jax.random.key(4), jnp.arange(6))
+    copies = np.asarray(sampler.corrupt_sources(images, keys, 1.0))
+    assert copies.dtype == np.uint8 and copies.shape == images.shape
+    assert all(not np.array_equal(c, x) for c, x in zip(copies, images))
+    alone = np.asarray(sampler.corrupt_sources(images[3:4], keys[3:4], 1.0))
+    np.testing.assert_array_equal(alone, copies[3:4])
+    np.testing.assert_array_equal(sampler.corrupt_sources(images, keys, 0.0), images)
+
+    mesh = sharding.make_mesh()
+    indices = np.arange(6, dtype=np.int32)
+
+    def vary(model, condition_corruption):
+        params = trainer.random_params(model, jax.random.key(0))
+        settings = sampler.SamplerSettings(
+            steps=3, guidance=2.0, condition_corruption=condition_corruption
+        )
+        sample = sampler.make_sampler(model, settings, mesh)
+        return np.asarray(sample(params, images, indices, labels, jax.random.key(4)))
+
+    embedding_model = tiny_model("embedding")
+    plain, smoothed = vary(embedding_model, 0.0), vary(embedding_model, 1.0)
+    assert np.abs(plain.astype(int) - smoothed).max() > 0  # The condition moved.
+    label_model = tiny_model("label")  # Reads no embedding: the option cannot reach it.
+    np.testing.assert_array_equal(vary(label_model, 1.0), vary(label_model, 0.0))
+
+
+def test_regenerate_spec_names_condition_corruption_only_when_on():
+    """Off, the regenerate stage's spec is that of variations made before the option."""
+    from jaxclean import generation
+
+    config = smoke.get_config().regenerate
+    off = generation.regenerate_settings_config(config)
+    assert "condition_corruption" not in off and off["steps"] == config.steps
+    config.condition_corruption = 0.5
+    assert generation.regenerate_settings_config(config)["condition_corruption"] == 0.5
 
 
 def test_generator_train_steps_lower_their_losses():

@@ -17,7 +17,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxclean.sharding import DATA_AXIS
-from jaxclean.train import normalize
+from jaxclean.train import corrupt_image, normalize
+
+# The stream of each image's key that draws its condition's corruption; the step noise uses
+# streams 0..steps, so turning the corruption on leaves every other draw as it was.
+_CONDITION_STREAM = 2**31 - 1
 
 
 class SamplerError(ValueError):
@@ -38,6 +42,12 @@ class SamplerSettings:
       color_transfer: match each variation's per-channel mean and std to its source.
       black_level: uint8 pixel values below it are set to 0 in the variation (0: off). For
         data whose backgrounds are pure black, where a latent decoder leaves a faint haze.
+      condition_corruption: the probability that the encoder reads a randomly corrupted copy
+        of the source (train.corrupt_image, drawn from the image's own key) instead of the
+        source: randomised smoothing of the condition. A small overlay that moves the
+        embedding one way then hides among the random moves every image gets, and a
+        generator trained on such conditions (generator.cond_corruption) renders a clean
+        image from them. The output pixels never see the corrupted copy.
     """
 
     steps: int = 20
@@ -46,6 +56,7 @@ class SamplerSettings:
     strength: float = 1.0
     color_transfer: bool = True
     black_level: int = 0
+    condition_corruption: float = 0.0
 
     def __post_init__(self):
         if self.steps < 1:
@@ -58,6 +69,10 @@ class SamplerSettings:
             raise SamplerError(f"guidance {self.guidance} must be >= 1")
         if not 0 <= self.black_level <= 255:
             raise SamplerError(f"black_level {self.black_level} must be in [0, 255]")
+        if not 0.0 <= self.condition_corruption <= 1.0:
+            raise SamplerError(
+                f"condition_corruption {self.condition_corruption} must be in [0, 1]"
+            )
 
 
 def ddim_timesteps(num_train_timesteps: int, steps: int, strength: float, steps_offset: int = 0):
@@ -92,6 +107,16 @@ def color_transfer(variation, source, eps: float = 1e-5):
     v_mean, v_std = variation.mean(axes, keepdims=True), variation.std(axes, keepdims=True)
     s_mean, s_std = source.mean(axes, keepdims=True), source.std(axes, keepdims=True)
     return (variation - v_mean) / (v_std + eps) * s_std + s_mean
+
+
+def corrupt_sources(images, keys, probability: float):
+    """uint8 copies of uint8 `images`, each corrupted with `probability` from its own key."""
+    corrupted = jax.vmap(
+        lambda image, key: corrupt_image(
+            image, jax.random.fold_in(key, _CONDITION_STREAM), probability
+        )
+    )(normalize(images), keys)
+    return jnp.round((corrupted + 1.0) * 127.5).astype(jnp.uint8)
 
 
 def _normal(keys, shape):
@@ -130,7 +155,10 @@ def make_variation_fn(model, settings: SamplerSettings):
         keys = sample_keys(rng, indices)
         source = normalize(images)
         alphas_j = jnp.asarray(alphas)
-        context, null = model.conditions(params, images, labels)
+        read = images
+        if settings.condition_corruption > 0:
+            read = corrupt_sources(images, keys, settings.condition_corruption)
+        context, null = model.conditions(params, read, labels)
         if guided:
             context = jnp.concatenate([null, context])
         start_noise = _step_noise(keys, 0, model.latent_shape)
