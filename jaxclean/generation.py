@@ -78,16 +78,7 @@ def validate_config(config) -> None:
         if not 0.0 <= cond_corruption <= 1.0:
             raise ConfigError(f"generator.cond_corruption {cond_corruption} must be in [0, 1]")
         _validate_invariance(config.generator.get("encoder_invariance"))
-    try:
-        sampler_lib.SamplerSettings(
-            steps=config.regenerate.steps,
-            eta=config.regenerate.eta,
-            guidance=config.regenerate.guidance,
-            strength=config.regenerate.strength,
-            condition_corruption=config.regenerate.get("condition_corruption", 0.0),
-        )
-    except sampler_lib.SamplerError as e:
-        raise ConfigError(str(e)) from e
+    settings_from_config(config.regenerate)
     validate_recipe(config.diagnostics.learnability, "diagnostics.learnability")
     validate_recipe(config.diagnostics.detectability, "diagnostics.detectability")
     held_out = config.diagnostics.detectability_held_out
@@ -384,7 +375,11 @@ def _save_samples(exp, model, params, split: ImageDataset, path: str) -> None:
 
 
 def _sampler_settings(exp: Experiment) -> sampler_lib.SamplerSettings:
-    config = exp.config.regenerate
+    return settings_from_config(exp.config.regenerate)
+
+
+def settings_from_config(config) -> sampler_lib.SamplerSettings:
+    """config.regenerate's sampler settings; ConfigError naming the field when one is bad."""
     try:
         return sampler_lib.SamplerSettings(
             steps=config.steps,
