@@ -1,11 +1,14 @@
 """Sampler throughput: jaxclean's one-jit DDIM loop against diffusers' PyTorch loop, one run.
 
 Both run the same UNet config (the Fashion-MNIST generator's latent UNet) through the same
-guided DDIM loop (20 steps, guidance > 1: two UNet passes a step, batched together) on this
-CPU, and the script prints images/s of each and their ratio. Then it times jaxclean's whole
+guided DDIM loop (20 steps, guidance > 1: two UNet passes a step, batched together) on one
+machine, and the script prints images/s of each and their ratio. Then it times jaxclean's whole
 variation sampler (encoder + DDIM + VAE decode) on 1, 2 and 4 forced CPU devices.
 
   python benchmarks/sampler_throughput.py [--batch 128 --steps 20]
+  python benchmarks/sampler_throughput.py --torch_device cuda --batch 1024 --skip_devices  # GPU
+
+JAX runs on its default backend; --torch_device puts PyTorch on the same kind of device.
 
 Needs the [bench] extra (torch). Results are recorded in benchmarks/RESULTS.md.
 """
@@ -86,29 +89,40 @@ def jax_loop(batch: int, steps: int, guidance: float) -> float:
     return repeats * batch / (time.perf_counter() - start)
 
 
-def torch_loop(batch: int, steps: int, guidance: float) -> float:
+def torch_loop(batch: int, steps: int, guidance: float, device: str) -> float:
     import torch
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
-    torch.set_num_threads(2)
+    if device == "cpu":
+        torch.set_num_threads(2)
+    else:
+        # TF32 matmuls, as XLA uses for float32 on such GPUs by default (cuDNN convolutions
+        # already use TF32 in PyTorch by default).
+        torch.set_float32_matmul_precision("high")
     config = generator_config()
     unet_config = config.unet
     levels = len(unet_config.block_out_channels)
     attention = (False,) + (True,) * (levels - 1)
     latent = config.image_size // 2 ** (len(config.vae.block_out_channels) - 1)
-    unet = UNet2DConditionModel(
-        sample_size=latent,
-        in_channels=config.vae.latent_channels,
-        out_channels=config.vae.latent_channels,
-        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention),
-        up_block_types=tuple(
-            "CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)
-        ),
-        block_out_channels=tuple(unet_config.block_out_channels),
-        layers_per_block=unet_config.layers_per_block,
-        attention_head_dim=unet_config.attention_head_dim,
-        cross_attention_dim=64,
-    ).eval()
+    unet = (
+        UNet2DConditionModel(
+            sample_size=latent,
+            in_channels=config.vae.latent_channels,
+            out_channels=config.vae.latent_channels,
+            down_block_types=tuple(
+                "CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention
+            ),
+            up_block_types=tuple(
+                "CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)
+            ),
+            block_out_channels=tuple(unet_config.block_out_channels),
+            layers_per_block=unet_config.layers_per_block,
+            attention_head_dim=unet_config.attention_head_dim,
+            cross_attention_dim=64,
+        )
+        .eval()
+        .to(device)
+    )
     scheduler = DDIMScheduler(
         num_train_timesteps=1000,
         beta_schedule="scaled_linear",
@@ -117,8 +131,12 @@ def torch_loop(batch: int, steps: int, guidance: float) -> float:
         clip_sample=False,
     )
     scheduler.set_timesteps(steps)
-    context = torch.zeros(2 * batch, 1, 64)
-    latents0 = torch.randn(batch, config.vae.latent_channels, latent, latent)
+    context = torch.zeros(2 * batch, 1, 64, device=device)
+    latents0 = torch.randn(batch, config.vae.latent_channels, latent, latent, device=device)
+
+    def synchronize():  # CUDA calls return before the work is done.
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
 
     def run():
         latents = latents0.clone()
@@ -130,10 +148,12 @@ def torch_loop(batch: int, steps: int, guidance: float) -> float:
 
     with torch.inference_mode():
         run()
+        synchronize()
         start = time.perf_counter()
         repeats = 3
         for _ in range(repeats):
             run()
+        synchronize()
     return repeats * batch / (time.perf_counter() - start)
 
 
@@ -181,14 +201,16 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--skip_devices", action="store_true")
+    parser.add_argument("--torch_device", default="cpu", help="cpu, or cuda on a GPU machine")
     args = parser.parse_args()
     jax_ips = jax_loop(args.batch, args.steps, args.guidance)
-    torch_ips = torch_loop(args.batch, args.steps, args.guidance)
+    torch_ips = torch_loop(args.batch, args.steps, args.guidance, args.torch_device)
     import jax
 
     print(
-        f"latent UNet, {args.steps} DDIM steps with guidance, batch {args.batch}, CPU, "
-        f"{jax.device_count()} JAX device(s)"
+        f"latent UNet, {args.steps} DDIM steps with guidance, batch {args.batch}, "
+        f"{jax.device_count()} JAX {jax.default_backend()} device(s), PyTorch on "
+        f"{args.torch_device}"
     )
     print(f"jaxclean (one jit)  : {jax_ips:8.1f} images/s")
     print(f"diffusers PyTorch   : {torch_ips:8.1f} images/s")
