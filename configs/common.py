@@ -167,7 +167,12 @@ def generator_config(**overrides) -> ml_collections.ConfigDict:
             # training images are corrupted (contrast, brightness, noise): trained on clean
             # images only, it recognised 0.258 of Blended-triggered test images (0.871 with
             # this), and its embeddings of them made shapeless variations.
-            encoder=classifier_recipe(num_epochs=20, lr_decay_epochs=(14, 18), corruption=0.5),
+            # invariance_weight > 0 trains it instead on each image and a corrupted copy, with
+            # that weight on how far the corruption moves its features
+            # (train.invariance_step); 0: plain cross-entropy, and no key in its spec.
+            encoder=classifier_recipe(
+                num_epochs=20, lr_decay_epochs=(14, 18), corruption=0.5, invariance_weight=0.0
+            ),
             # The last phase (generator.encoder_invariance_step): the encoder fine-tuned so
             # that a mildly corrupted source (contrast >= min_contrast towards any level, pixel
             # noise) embeds where its clean image does. A classifier recognises such images

@@ -115,6 +115,8 @@ def validate_recipe(recipe, name: str) -> None:
         raise ConfigError(f"{name}.select must be 'last' or 'best', got {recipe.select!r}")
     if not 0.0 <= recipe.get("corruption", 0.0) <= 1.0:
         raise ConfigError(f"{name}.corruption {recipe.corruption} must be a probability in [0, 1]")
+    if recipe.get("invariance_weight", 0.0) < 0.0:
+        raise ConfigError(f"{name}.invariance_weight {recipe.invariance_weight} must be >= 0")
     if recipe.get("corruption_noise", 0.2) < 0.0:
         raise ConfigError(
             f"{name}.corruption_noise {recipe.corruption_noise} must be a standard deviation >= 0"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import io
 import os
@@ -135,18 +136,35 @@ def encoder_stage(exp: Experiment) -> None:
         log("encoder: skipped; the pretrained generator brings its own")
         return
     split = generator_split(exp)
+    recipe = exp.config.generator.encoder
     spec = {
         **_split_spec(exp),
-        "encoder": exp.config.generator.encoder,
+        "encoder": encoder_recipe_spec(recipe),
         "split_fingerprint": split.fingerprint(),
     }
-    train_classifier(exp, "encoder", split, exp.config.generator.encoder, spec)
+    make_step = None
+    weight = recipe.get("invariance_weight", 0.0)
+    if weight:
+        make_step = lambda model, augment: functools.partial(  # noqa: E731
+            train.invariance_step, augment=augment, weight=weight
+        )
+    train_classifier(exp, "encoder", split, recipe, spec, make_step=make_step)
+
+
+def encoder_recipe_spec(recipe) -> dict:
+    """The encoder's recipe as far as it decides the weights; invariance_weight only when on,
+    so encoders (and the shipped generator) made before it existed keep their specs."""
+    recipe = recipe.to_dict()
+    if not recipe.get("invariance_weight", 0.0):
+        recipe.pop("invariance_weight", None)
+    return recipe
 
 
 def generator_weights_config(gen_config) -> dict:
     """The generator config as far as it decides the weights (its part of the stage's spec)."""
     gen = gen_config.to_dict()
     gen.pop("pretrained", None)  # Where the weights come from does not change what they are.
+    gen["encoder"] = encoder_recipe_spec(gen_config.encoder)
     if not gen.get("encoder_invariance", {}).get("num_epochs", 0):
         # Off: the spec of a generator made before the phase existed.
         gen.pop("encoder_invariance", None)

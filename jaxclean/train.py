@@ -230,6 +230,71 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, augment: Augme
     return new_state, _step_metrics(loss, logits, batch["label"], grads, state.params)
 
 
+def feature_invariance(clean: jax.Array, corrupted: jax.Array) -> jax.Array:
+    """How far a corruption moves pooled features, on the features' own scale.
+
+    The mean over features of E[(f(x) - f(x'))^2] / (half the summed batch variances of f(x)
+    and f(x')): 0 when the corruption moves nothing, about 2 when the two copies' features are
+    unrelated, and unchanged when the features are scaled, so a network cannot meet it by
+    shrinking its features (a plain squared distance is met that way).
+
+    Args:
+      clean, corrupted: [B, D] features of each image and of its corrupted copy.
+    """
+    scale = 0.5 * (jnp.var(clean, axis=0) + jnp.var(corrupted, axis=0)) + 1e-6
+    return jnp.mean(jnp.mean((clean - corrupted) ** 2, axis=0) / scale)
+
+
+def invariance_step(state: TrainState, batch: dict, rng: jax.Array, *, augment: Augment, weight):
+    """Cross-entropy on each image and a corrupted copy, plus weight x `feature_invariance`.
+
+    For the generator's semantic encoder, trained so from the start: a classifier learns to
+    recognise a corrupted image without its features holding still, and a Blended trigger (a
+    contrast drop towards a noise pattern) then moved the shipped encoder's embedding as far as
+    the nearest other trusted image is, partly in one direction common to all images, which a
+    generator renders and a classifier trained on poisoned labels can learn. The copy is
+    corrupted always, with the full family (`corrupt_image`: contrast down to 0.5 towards any
+    level, pixel noise up to augment.corruption_noise); the recipe's random corruption is not
+    applied on top, so each pair is a clean image and its corrupted copy.
+
+    Args:
+      state: the encoder (a classifier whose __call__ takes with_features).
+      batch, rng: as for `train_step`.
+      augment: static augmentation settings (crops and flips apply to both copies alike).
+      weight: of the invariance term against the two cross-entropies (static).
+    """
+    keys = sample_keys(rng, batch["index"])
+    clean_augment = dataclasses.replace(augment, corruption=0.0)
+    images = augment_images(normalize(batch["image"]), keys, clean_augment)
+    # Fold 4: folds 2 and 3 are the other steps' corruption keys.
+    corrupt = functools.partial(
+        corrupt_image, probability=1.0, max_noise_std=augment.corruption_noise
+    )
+    corrupted = jax.vmap(corrupt)(images, jax.vmap(lambda k: jax.random.fold_in(k, 4))(keys))
+    labels = batch["label"]
+
+    def loss_fn(params):
+        (logits, features), updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            jnp.concatenate([images, corrupted]),
+            train=True,
+            with_features=True,
+            mutable=["batch_stats"],
+        )
+        ce = cross_entropy(logits, jnp.concatenate([labels, labels]))
+        invariance = feature_invariance(*jnp.split(features, 2))
+        aux = (logits[: labels.shape[0]], updates["batch_stats"], ce, invariance)
+        return ce + weight * invariance, aux
+
+    (loss, (logits, batch_stats, ce, invariance)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True
+    )(state.params)
+    new_state = state.apply_gradients(grads, batch_stats)
+    metrics = _step_metrics(loss, logits, labels, grads, state.params)
+    metrics.update(cross_entropy=ce, invariance=invariance)
+    return new_state, metrics
+
+
 def distill_step(
     state: TrainState,
     teacher_variables: dict,

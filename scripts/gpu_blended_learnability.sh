@@ -21,6 +21,7 @@ PY=${PYTHON:-python3}
 DEADLINE=$((SECONDS + ${BUDGET_S:-560}))
 mkdir -p "$OUT" "$RUNS"
 if [ -d .whl ]; then
+  rm -rf /tmp/site  # A warm machine keeps the last install: --target adds, never removes.
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site

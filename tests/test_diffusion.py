@@ -337,3 +337,44 @@ def test_encoder_invariance_holds_the_embedding_still_under_corruption(tmp_path)
         seed=0,
     )
     assert off is params
+
+
+_WITHOUT_FLAX_CLIP = """
+import json, sys
+sys.path.insert(0, {repo!r})
+# As under transformers 5, which has no Flax models: the import fails.
+sys.modules["transformers.models.clip.modeling_flax_clip"] = None
+import jax, numpy as np
+from configs import common
+from jaxclean import pipeline  # Every stage module, as launch.py imports them.
+from jaxclean.diffusion import adapter, generator, trainer
+model = generator.build(common.generator_config(), (28, 28, 1), 10)
+params = trainer.random_params(model, jax.random.key(0))
+try:
+    adapter.make_clip_image_encoder({{}})
+    error = ""
+except ImportError as e:
+    error = str(e)
+print(json.dumps({{"params": len(jax.tree_util.tree_leaves(params)), "error": error}}))
+"""
+
+
+@pytest.mark.slow
+def test_offline_generator_needs_no_flax_clip_and_sd_path_names_it():
+    # GPU images ship transformers 5, which has no Flax CLIP: everything but the Stable
+    # Diffusion path must import and build without it, and that path must say what it needs.
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    script = _WITHOUT_FLAX_CLIP.format(repo=REPO)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["params"] > 0
+    assert "transformers 4.x" in result["error"] and "Flax CLIP" in result["error"]

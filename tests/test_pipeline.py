@@ -518,6 +518,11 @@ def test_poison_plan_that_would_differ_is_refused(idx_dir, tmp_path):
             r"generator.encoder.corruption 1.5",
         ),
         (
+            lambda c: setattr(c.generator.encoder, "invariance_weight", -1.0),
+            pipeline.ConfigError,
+            r"generator.encoder.invariance_weight -1.0 must be >= 0",
+        ),
+        (
             lambda c: setattr(c.generator, "cond_corruption", -0.5),
             pipeline.ConfigError,
             r"generator.cond_corruption -0.5",
@@ -814,3 +819,31 @@ def test_attack_free_classifiers_of_another_attack_are_adopted_not_retrained(
     nowhere.reuse_attack_free_from = str(tmp_path / "nowhere")
     with pytest.raises(pipeline.ConfigError, match="no finished clean_reference"):
         pipeline.run(nowhere, str(tmp_path / "nowhere_run"), "clean_reference")
+
+
+def test_encoder_invariance_weight_trains_another_encoder_and_enters_specs_only_when_on(
+    idx_dir, tmp_path
+):
+    plain, invariant = smoke_config(idx_dir), smoke_config(idx_dir)
+    invariant.generator.encoder.invariance_weight = 1.0
+    weights = {}
+    for name, config in (("plain", plain), ("invariant", invariant)):
+        pipeline.run(config, str(tmp_path / name), "encoder")
+        weights[name] = checkpointing.load_tree(str(tmp_path / name / "encoder" / "model"))
+        spec = json.load(open(tmp_path / name / "encoder" / "spec.json"))
+        generator_spec = generation.generator_weights_config(config.generator)
+        if name == "plain":  # Off: the specs of encoders and generators made before it existed.
+            assert "invariance_weight" not in spec["encoder"]
+            assert "invariance_weight" not in generator_spec["encoder"]
+        else:
+            assert spec["encoder"]["invariance_weight"] == 1.0
+            assert generator_spec["encoder"]["invariance_weight"] == 1.0
+    # The same seed, data order and initialisation: only the objective differs.
+    moved = jax.tree.leaves(
+        jax.tree.map(
+            lambda a, b: not np.allclose(a, b),
+            weights["plain"]["params"],
+            weights["invariant"]["params"],
+        )
+    )
+    assert all(moved)

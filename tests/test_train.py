@@ -49,6 +49,49 @@ def test_train_step_lowers_loss_on_a_tiny_set():
     assert int(state.step) == 25
 
 
+def test_feature_invariance_is_zero_when_still_scale_free_and_two_when_unrelated():
+    rng = np.random.default_rng(0)
+    clean = jnp.asarray(rng.normal(size=(4096, 8)) * np.arange(1, 9), jnp.float32)
+    moved = clean + 0.3 * jnp.asarray(rng.normal(size=clean.shape), jnp.float32)
+    assert float(train.feature_invariance(clean, clean)) == 0.0
+    small = float(train.feature_invariance(clean, moved))
+    # Shrinking (or growing) the features does not meet it: only holding them still does.
+    np.testing.assert_allclose(train.feature_invariance(5 * clean, 5 * moved), small, rtol=1e-4)
+    unrelated = jnp.asarray(rng.normal(size=clean.shape) * np.arange(1, 9), jnp.float32)
+    np.testing.assert_allclose(train.feature_invariance(clean, unrelated), 2.0, atol=0.1)
+    assert 0.0 < small < 0.5 * float(train.feature_invariance(clean, unrelated))
+
+
+def test_invariance_step_is_cross_entropy_plus_weighted_invariance_and_lowers_it():
+    mesh = sharding.make_mesh()
+    images, labels = synthetic_images(64, seed=0)
+    batch = batch_of(images[..., None], labels, mesh)
+    augment = train.Augment(crop_padding=2)
+
+    def step_fn(weight):
+        return train.jit_step(
+            functools.partial(train.invariance_step, augment=augment, weight=weight), mesh
+        )
+
+    # Fresh states of the same seed: the step donates its state.
+    _, plain = step_fn(0.0)(tiny_state(mesh)[1], batch, jax.random.key(0))
+    _, weighted = step_fn(3.0)(tiny_state(mesh)[1], batch, jax.random.key(0))
+    # The same state, batch and key: the same copies, so the same two terms.
+    np.testing.assert_allclose(plain["cross_entropy"], weighted["cross_entropy"], rtol=1e-5)
+    np.testing.assert_allclose(plain["loss"], plain["cross_entropy"], rtol=1e-6)
+    np.testing.assert_allclose(
+        weighted["loss"], weighted["cross_entropy"] + 3.0 * weighted["invariance"], rtol=1e-5
+    )
+    assert float(weighted["invariance"]) > 0.0  # The copy is corrupted: the features move.
+
+    step, state = step_fn(10.0), tiny_state(mesh)[1]
+    first = []
+    for k in range(30):
+        state, metrics = step(state, batch, jax.random.key(k))
+        first.append(float(metrics["invariance"]))
+    assert np.mean(first[-5:]) < 0.5 * np.mean(first[:5]), first
+
+
 def test_kd_loss_matches_hand_computation_and_limits():
     student = jnp.array([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
     teacher = jnp.array([[2.0, 0.0, 1.0], [1.0, 1.0, 1.0]])

@@ -9,6 +9,7 @@ parameters are plain pytrees that Orbax checkpoints like any other.
 from __future__ import annotations
 
 import logging
+import typing
 import warnings
 
 import flax.linen as nn
@@ -36,11 +37,27 @@ with warnings.catch_warnings():
         FlaxDDPMScheduler,
         FlaxUNet2DConditionModel,
     )
+
+if typing.TYPE_CHECKING:
     from transformers import CLIPTextConfig, CLIPVisionConfig
-    from transformers.models.clip.modeling_flax_clip import (
-        FlaxCLIPTextTransformer,
-        FlaxCLIPVisionTransformer,
-    )
+
+
+def _flax_clip():
+    """transformers' Flax CLIP module, imported only by the Stable Diffusion path.
+
+    It exists only in transformers 4.x; the offline generator needs none of it, so an
+    environment with transformers 5 (as GPU images ship) runs everything but that path.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Its Flax deprecation notice.
+            from transformers.models.clip import modeling_flax_clip
+    except ImportError as e:
+        raise ImportError(
+            "the Stable Diffusion path needs transformers' Flax CLIP, which only "
+            f"transformers 4.x has (pip install 'transformers>=4.57,<5'): {e}"
+        ) from e
+    return modeling_flax_clip
 
 
 # diffusers' Flax blocks normalise with 32-group GroupNorm: widths must be multiples of 32.
@@ -174,7 +191,7 @@ class CLIPImageEncoder(nn.Module):
     config: CLIPVisionConfig
 
     def setup(self):
-        self.vision_model = FlaxCLIPVisionTransformer(self.config)
+        self.vision_model = _flax_clip().FlaxCLIPVisionTransformer(self.config)
         self.visual_projection = nn.Dense(self.config.projection_dim, use_bias=False)
 
     def __call__(self, pixel_values):
@@ -185,7 +202,7 @@ class CLIPImageEncoder(nn.Module):
 
 def make_clip_image_encoder(config: dict) -> CLIPImageEncoder:
     """From an image_encoder/config.json (a CLIPVisionConfig's fields)."""
-    return CLIPImageEncoder(CLIPVisionConfig(**config))
+    return CLIPImageEncoder(_flax_clip().CLIPVisionConfig(**config))
 
 
 def init_clip_image_encoder(encoder: CLIPImageEncoder, rng) -> dict:
@@ -204,7 +221,7 @@ class CLIPTextEncoder(nn.Module):
     config: CLIPTextConfig
 
     def setup(self):
-        self.text_model = FlaxCLIPTextTransformer(self.config)
+        self.text_model = _flax_clip().FlaxCLIPTextTransformer(self.config)
 
     def __call__(self, input_ids):
         """[B, L] token ids -> [B, L, hidden_size]."""
@@ -217,7 +234,7 @@ class CLIPTextEncoder(nn.Module):
 
 def make_clip_text_encoder(config: dict) -> CLIPTextEncoder:
     """From a text_encoder/config.json (a CLIPTextConfig's fields)."""
-    return CLIPTextEncoder(CLIPTextConfig(**config))
+    return CLIPTextEncoder(_flax_clip().CLIPTextConfig(**config))
 
 
 def init_clip_text_encoder(encoder: CLIPTextEncoder, rng) -> dict:

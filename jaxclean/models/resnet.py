@@ -81,8 +81,11 @@ class ResNet(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, train: bool = False, return_features: bool = False):
-        """Logits, or with return_features the pooled features the logits are made from."""
+    def __call__(
+        self, x, train: bool = False, return_features: bool = False, with_features: bool = False
+    ):
+        """Logits; with return_features the pooled features the logits are made from instead,
+        with with_features both (logits, features)."""
         x = x.astype(self.dtype)
         if self.stem == "cifar":
             x = nn.Conv(self.width, (3, 3), padding=1, use_bias=False, dtype=self.dtype)(x)
@@ -99,7 +102,8 @@ class ResNet(nn.Module):
         features = jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
         if return_features:
             return features
-        return nn.Dense(self.num_classes, dtype=jnp.float32)(features)
+        logits = nn.Dense(self.num_classes, dtype=jnp.float32)(features)
+        return (logits, features) if with_features else logits
 
 
 def cifar_resnet(depth: int, num_classes: int, width: int = 16, **kwargs) -> ResNet:
