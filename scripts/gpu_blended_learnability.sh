@@ -13,7 +13,7 @@
 # classifier reads images better and learns any trace better too: whichever it is, its figures
 # beside the small one's say which. Wheels beyond JAX, Flax, Optax and Orbax go in .whl/ (see
 # gpu_full_runs.sh). Each phase runs under what is left of a deadline, so a slow phase leaves
-# the logs of the earlier ones.
+# the logs of the earlier ones. Results: docs/experiments.md, session 22.
 set -uo pipefail
 OUT=${OUT:-runs/gpu_out}
 RUNS=${RUNS:-/tmp/jaxclean_runs}
