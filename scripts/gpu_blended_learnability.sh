@@ -11,26 +11,12 @@
 # target under one seed (docs/experiments.md), so the per-seed bound may be measuring how
 # such a small model reads blended images rather than what the variations carry. A larger
 # classifier reads images better and learns any trace better too: whichever it is, its figures
-# beside the small one's say which. Wheels beyond JAX, Flax, Optax and Orbax go in .whl/ (see
-# gpu_full_runs.sh). Each phase runs under what is left of a deadline, so a slow phase leaves
-# the logs of the earlier ones. Results: docs/experiments.md, session 22.
+# beside the small one's say which. Wheels a GPU image lacks go in .whl/ (scripts/gpu_env.sh).
+# Each phase runs under what is left of a deadline, so a slow phase leaves the logs of the
+# earlier ones. Results: docs/experiments.md, session 22.
 set -uo pipefail
-OUT=${OUT:-runs/gpu_out}
-RUNS=${RUNS:-/tmp/jaxclean_runs}
-PY=${PYTHON:-python3}
 DEADLINE=$((SECONDS + ${BUDGET_S:-560}))
-mkdir -p "$OUT" "$RUNS"
-if [ -d .whl ]; then
-  rm -rf /tmp/site  # A warm machine keeps the last install: --target adds, never removes.
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache
-$PY -c "import jax, flax, optax, orbax.checkpoint as o, diffusers; print('jax', jax.__version__, \
-'flax', flax.__version__, 'optax', optax.__version__, 'orbax', o.__version__, 'diffusers', \
-diffusers.__version__, jax.devices())" 2>&1 | tee "$OUT/versions.log"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$OUT/versions.log" 2>&1
+source "$(dirname "$0")/gpu_env.sh"
 
 left() { echo $((DEADLINE - SECONDS)); }
 

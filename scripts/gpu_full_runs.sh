@@ -5,28 +5,11 @@
 #
 # TRAIN_GENERATOR=1 trains the generator in the BadNets run instead (Blended then adopts that
 # one). DATA_DIR points at the Fashion-MNIST IDX files when they are not at the config's path.
-# On a machine without a package registry, put the wheels jaxclean needs beyond JAX, Flax, Optax
-# and Orbax (diffusers 0.39.0, ml-collections, tensorboardX, importlib_metadata) in .whl/; the
-# Stable Diffusion configs also need transformers 4.57.x with huggingface_hub < 1 and
-# tokenizers <= 0.23.0 (a GPU image's transformers 5 has no Flax CLIP). Seen working on an H200
-# image (jax 0.11.2, flax 0.12.10) by scripts/gpu_blended_learnability.sh.
+# Wheels a GPU image lacks go in .whl/ (scripts/gpu_env.sh).
 # The only GPU-specific setting is a larger regeneration batch, which changes no variation
 # beyond float tolerance (per-sample noise is keyed by image index, not by batch).
 set -euo pipefail
-OUT=${OUT:-runs/gpu_out}
-RUNS=${RUNS:-/tmp/jaxclean_runs}
-PY=${PYTHON:-python3}
-mkdir -p "$OUT" "$RUNS"
-if [ -d .whl ]; then
-  rm -rf /tmp/site  # A warm machine keeps the last install: --target adds, never removes.
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache
-$PY -c "import jax, flax, optax, orbax.checkpoint as o; print('jax', jax.__version__, 'flax', \
-flax.__version__, 'optax', optax.__version__, 'orbax', o.__version__, jax.devices())" \
-  | tee "$OUT/versions.log"
+source "$(dirname "$0")/gpu_env.sh"
 
 TIMER=""  # Peak memory, where GNU time is installed.
 if [ -x /usr/bin/time ]; then TIMER="/usr/bin/time -v"; fi
