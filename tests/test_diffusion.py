@@ -2,7 +2,10 @@
 generator's train steps, and the errors for bad sampler settings and checkpoints."""
 
 import functools
+import json
 import os
+import subprocess
+import sys
 import warnings
 
 import jax
@@ -10,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import synthetic_images
+from conftest import REPO, synthetic_images
 
 from configs import smoke
 from jaxclean import checkpointing, sharding, train
@@ -363,12 +366,6 @@ print(json.dumps({{"params": len(jax.tree_util.tree_leaves(params)), "error": er
 def test_offline_generator_needs_no_flax_clip_and_sd_path_names_it():
     # GPU images ship transformers 5, which has no Flax CLIP: everything but the Stable
     # Diffusion path must import and build without it, and that path must say what it needs.
-    import json
-    import subprocess
-    import sys
-
-    from conftest import REPO
-
     script = _WITHOUT_FLAX_CLIP.format(repo=REPO)
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     out = subprocess.run(

@@ -85,11 +85,11 @@ def test_invariance_step_is_cross_entropy_plus_weighted_invariance_and_lowers_it
     assert float(weighted["invariance"]) > 0.0  # The copy is corrupted: the features move.
 
     step, state = step_fn(10.0), tiny_state(mesh)[1]
-    first = []
+    invariances = []
     for k in range(30):
         state, metrics = step(state, batch, jax.random.key(k))
-        first.append(float(metrics["invariance"]))
-    assert np.mean(first[-5:]) < 0.5 * np.mean(first[:5]), first
+        invariances.append(float(metrics["invariance"]))
+    assert np.mean(invariances[-5:]) < 0.5 * np.mean(invariances[:5]), invariances
 
 
 def test_kd_loss_matches_hand_computation_and_limits():
