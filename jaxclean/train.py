@@ -98,7 +98,10 @@ def augment_images(images: jax.Array, keys: jax.Array, augment: Augment) -> jax.
         if augment.corruption:
             # Its own key, so crops and flips stay those of a run without corruption.
             image = corrupt_image(
-                image, jax.random.fold_in(key, 2), augment.corruption, augment.corruption_noise
+                image,
+                jax.random.fold_in(key, AUGMENT_CORRUPTION_STREAM),
+                augment.corruption,
+                augment.corruption_noise,
             )
         if pad:
             # Pad with the value of black: the images are in [-1, 1].
@@ -137,6 +140,29 @@ def corrupt_image(
     noise = jax.random.normal(noise_key, image.shape)
     corrupted = jnp.clip(contrast * image + (1.0 - contrast) * level + amount * noise, -1.0, 1.0)
     return jnp.where(jax.random.bernoulli(apply_key, probability), corrupted, image)
+
+
+# Streams folded into an image's own key, one per corruption, so that each draws independently
+# of the others and of the crops and flips (which use the key itself).
+AUGMENT_CORRUPTION_STREAM = 2
+STUDENT_CORRUPTION_STREAM = 3
+INVARIANCE_COPY_STREAM = 4
+
+
+def corrupt_images(
+    images: jax.Array,
+    keys: jax.Array,
+    stream: int,
+    probability: float,
+    max_noise_std: float = 0.2,
+) -> jax.Array:
+    """`corrupt_image` of each of [N, ...] images from its own key of [N] keys, folded with
+    `stream`, so an image's corruption does not depend on its batch."""
+    return jax.vmap(
+        lambda image, key: corrupt_image(
+            image, jax.random.fold_in(key, stream), probability, max_noise_std
+        )
+    )(images, keys)
 
 
 def sample_keys(rng: jax.Array, indices: jax.Array) -> jax.Array:
@@ -266,11 +292,9 @@ def invariance_step(state: TrainState, batch: dict, rng: jax.Array, *, augment: 
     keys = sample_keys(rng, batch["index"])
     clean_augment = dataclasses.replace(augment, corruption=0.0)
     images = augment_images(normalize(batch["image"]), keys, clean_augment)
-    # Fold 4: folds 2 and 3 are the other steps' corruption keys.
-    corrupt = functools.partial(
-        corrupt_image, probability=1.0, max_noise_std=augment.corruption_noise
+    corrupted = corrupt_images(
+        images, keys, INVARIANCE_COPY_STREAM, 1.0, max_noise_std=augment.corruption_noise
     )
-    corrupted = jax.vmap(corrupt)(images, jax.vmap(lambda k: jax.random.fold_in(k, 4))(keys))
     labels = batch["label"]
 
     def loss_fn(params):
@@ -334,9 +358,7 @@ def distill_step(
     if teacher_logit_offset is not None:
         teacher_logits = teacher_logits + jnp.asarray(teacher_logit_offset, teacher_logits.dtype)
     if student_corruption:
-        # Its own key per image (fold 3; fold 2 is augment_images' corruption).
-        corrupt = functools.partial(corrupt_image, probability=student_corruption)
-        images = jax.vmap(corrupt)(images, jax.vmap(lambda k: jax.random.fold_in(k, 3))(keys))
+        images = corrupt_images(images, keys, STUDENT_CORRUPTION_STREAM, student_corruption)
 
     def loss_fn(params):
         logits, updates = state.apply_fn(

@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxclean.sharding import DATA_AXIS
-from jaxclean.train import corrupt_image, normalize
+from jaxclean.train import corrupt_images, normalize
 
 # The stream of each image's key that draws its condition's corruption; the step noise uses
 # streams 0..steps, so turning the corruption on leaves every other draw as it was.
@@ -111,11 +111,7 @@ def color_transfer(variation, source, eps: float = 1e-5):
 
 def corrupt_sources(images, keys, probability: float):
     """uint8 copies of uint8 `images`, each corrupted with `probability` from its own key."""
-    corrupted = jax.vmap(
-        lambda image, key: corrupt_image(
-            image, jax.random.fold_in(key, _CONDITION_STREAM), probability
-        )
-    )(normalize(images), keys)
+    corrupted = corrupt_images(normalize(images), keys, _CONDITION_STREAM, probability)
     return jnp.round((corrupted + 1.0) * 127.5).astype(jnp.uint8)
 
 

@@ -109,10 +109,7 @@ def encode_dataset(
         if corrupted_copies:
             per_image = train.sample_keys(key, indices)
             copies = [
-                jax.vmap(lambda x, k, c=c: train.corrupt_image(x, jax.random.fold_in(k, c), 1.0))(
-                    normalized, per_image
-                )
-                for c in range(corrupted_copies)
+                train.corrupt_images(normalized, per_image, c, 1.0) for c in range(corrupted_copies)
             ]
             outputs += (jnp.stack([embed(params, x) for x in copies], axis=1),)
         return outputs
