@@ -284,7 +284,7 @@ def invariance_step(state: TrainState, batch: dict, rng: jax.Array, *, augment: 
     applied on top, so each pair is a clean image and its corrupted copy.
 
     Args:
-      state: the encoder (a classifier whose __call__ takes with_features).
+      state: the encoder (a classifier whose __call__ takes output="both").
       batch, rng: as for `train_step`.
       augment: static augmentation settings (crops and flips apply to both copies alike).
       weight: of the invariance term against the two cross-entropies (static).
@@ -302,7 +302,7 @@ def invariance_step(state: TrainState, batch: dict, rng: jax.Array, *, augment: 
             {"params": params, "batch_stats": state.batch_stats},
             jnp.concatenate([images, corrupted]),
             train=True,
-            with_features=True,
+            output="both",
             mutable=["batch_stats"],
         )
         ce = cross_entropy(logits, jnp.concatenate([labels, labels]))

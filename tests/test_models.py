@@ -53,3 +53,18 @@ def test_batch_norm_statistics_update_only_in_training():
     before = jax.tree.leaves(variables["batch_stats"])
     after = jax.tree.leaves(updates["batch_stats"])
     assert any(not jnp.allclose(a, b) for a, b in zip(before, after))
+
+
+def test_output_modes_share_one_pass_and_bad_mode_is_named():
+    model = make_classifier("cifar_resnet20", num_classes=10, width=4)
+    x = jax.random.normal(jax.random.key(1), (3, 8, 8, 1))
+    variables = model.init(jax.random.key(0), x)
+    logits = model.apply(variables, x)
+    features = model.apply(variables, x, output="features")
+    both_logits, both_features = model.apply(variables, x, output="both")
+    assert features.shape == (3, 4 * 4)  # the third stage's width, pooled
+    assert jnp.allclose(both_logits, logits) and jnp.allclose(both_features, features)
+    dense = variables["params"]["Dense_0"]
+    assert jnp.allclose(features @ dense["kernel"] + dense["bias"], logits, atol=1e-5)
+    with pytest.raises(ValueError, match="output must be one of .* got 'pooled'"):
+        model.apply(variables, x, output="pooled")

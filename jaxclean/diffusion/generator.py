@@ -124,7 +124,7 @@ class LatentDiffusion:
     def embed(self, params: dict, images_uint8: jax.Array) -> jax.Array:
         """Standardised semantic embeddings [B, D] of uint8 dataset images."""
         features = self.encoder.apply(
-            params["encoder"], normalize(images_uint8), train=False, return_features=True
+            params["encoder"], normalize(images_uint8), train=False, output="features"
         )
         return (features - params["embed_mean"]) / params["embed_std"]
 
@@ -216,7 +216,7 @@ def build(gen_config, image_shape, num_classes: int) -> LatentDiffusion:
 def _feature_dim(encoder, image_shape) -> int:
     variables = jax.eval_shape(encoder.init, jax.random.key(0), jnp.zeros((1, *image_shape)))
     features = jax.eval_shape(
-        functools.partial(encoder.apply, train=False, return_features=True),
+        functools.partial(encoder.apply, train=False, output="features"),
         variables,
         jnp.zeros((1, *image_shape)),
     )
@@ -339,7 +339,7 @@ def encoder_invariance_step(
     frozen = anchor["encoder"]
 
     def embed(variables, x):
-        features = model.encoder.apply(variables, x, train=False, return_features=True)
+        features = model.encoder.apply(variables, x, train=False, output="features")
         return (features - anchor["embed_mean"]) / anchor["embed_std"]
 
     target = embed(frozen, images)

@@ -99,7 +99,7 @@ def encode_dataset(
     key = jax.random.key(seed)
 
     def embed(params, images):
-        return model.encoder.apply(params["encoder"], images, train=False, return_features=True)
+        return model.encoder.apply(params["encoder"], images, train=False, output="features")
 
     @jax.jit
     def features(params, images, indices):

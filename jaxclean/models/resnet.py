@@ -62,6 +62,10 @@ class BottleneckBlock(nn.Module):
         return nn.relu(residual + y)
 
 
+# What ResNet.__call__ returns; "both" serves the encoder's invariance objective in one pass.
+_OUTPUTS = ("logits", "features", "both")
+
+
 class ResNet(nn.Module):
     """A ResNet.
 
@@ -81,11 +85,11 @@ class ResNet(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(
-        self, x, train: bool = False, return_features: bool = False, with_features: bool = False
-    ):
-        """Logits; with return_features the pooled features the logits are made from instead,
-        with with_features both (logits, features)."""
+    def __call__(self, x, train: bool = False, output: str = "logits"):
+        """What `output` names: "logits"; "features", the pooled features the logits are made
+        from (the Dense layer does not run); or "both", (logits, features) from one pass."""
+        if output not in _OUTPUTS:
+            raise ValueError(f"ResNet output must be one of {_OUTPUTS}, got {output!r}")
         x = x.astype(self.dtype)
         if self.stem == "cifar":
             x = nn.Conv(self.width, (3, 3), padding=1, use_bias=False, dtype=self.dtype)(x)
@@ -100,10 +104,10 @@ class ResNet(nn.Module):
                 strides = 2 if stage > 0 and index == 0 else 1
                 x = self.block(self.width * 2**stage, strides, dtype=self.dtype)(x, train)
         features = jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
-        if return_features:
+        if output == "features":
             return features
         logits = nn.Dense(self.num_classes, dtype=jnp.float32)(features)
-        return (logits, features) if with_features else logits
+        return (logits, features) if output == "both" else logits
 
 
 def cifar_resnet(depth: int, num_classes: int, width: int = 16, **kwargs) -> ResNet:
