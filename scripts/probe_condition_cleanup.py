@@ -9,7 +9,7 @@ content the cleaning costs):
 
   python scripts/probe_condition_cleanup.py --config configs/fashion_mnist_blended.py \\
       --workdir runs/blended --cleanup median_autocontrast [--embedding_noise 0.5] \\
-      [--test_images 1000]
+      [--test_images 1000] [--config.regenerate.guidance=1.5 --tag guidance_1.5]
 
 Cleanups (uint8 in, uint8 out, per image; none knows the trigger):
   none                 the method as it is (a check: its figures are the diagnostics')
@@ -49,6 +49,10 @@ _ENCODER = flags.DEFINE_string(
     "encoder", "", "encoder variables (flax msgpack) to embed with instead of the generator's own"
 )
 _TEST_IMAGES = flags.DEFINE_integer("test_images", 1000, "clean test images for content kept")
+_TAG = flags.DEFINE_string(
+    "tag", "", "appended to the stage name: a sweep over --config.regenerate.* overrides (say "
+    "guidance) needs one stage per point, since a changed spec is refused"
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -118,6 +122,8 @@ def main(argv) -> None:
         with open(_ENCODER.value, "rb") as file:
             params["encoder"] = flax.serialization.from_bytes(params["encoder"], file.read())
         cleanup = f"{cleanup}_encoder_{os.path.basename(_ENCODER.value).split('.')[0]}"
+    if _TAG.value:
+        cleanup = f"{cleanup}_{_TAG.value}"
     params = jax.device_put(params, sharding.replicated(mesh))
     sample = sampler_lib.make_sampler(model, generation._sampler_settings(exp), mesh)
     batch = config.regenerate.per_device_batch * mesh.size
