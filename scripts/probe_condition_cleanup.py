@@ -50,8 +50,10 @@ _ENCODER = flags.DEFINE_string(
 )
 _TEST_IMAGES = flags.DEFINE_integer("test_images", 1000, "clean test images for content kept")
 _TAG = flags.DEFINE_string(
-    "tag", "", "appended to the stage name: a sweep over --config.regenerate.* overrides (say "
-    "guidance) needs one stage per point, since a changed spec is refused"
+    "tag",
+    "",
+    "appended to the stage name: a sweep over --config.regenerate.* overrides (say "
+    "guidance) needs one stage per point, since a changed spec is refused",
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
