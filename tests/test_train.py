@@ -222,9 +222,12 @@ def test_student_corruption_corrupts_only_the_students_copy():
 
     clean = train.normalize(jnp.asarray(images[..., None]))
     keys = train.sample_keys(rng, jnp.arange(len(labels)))
-    corrupted = jax.vmap(lambda x, k: train.corrupt_image(x, jax.random.fold_in(k, 3), 1.0))(
-        clean, keys
-    )
+    # Written out rather than through train.corrupt_images, so the step is checked against an
+    # independent per-image draw from the student's stream.
+    student_stream = train.STUDENT_CORRUPTION_STREAM
+    corrupted = jax.vmap(
+        lambda x, k: train.corrupt_image(x, jax.random.fold_in(k, student_stream), 1.0)
+    )(clean, keys)
     assert np.all(np.any(np.asarray(corrupted != clean), axis=(1, 2, 3)))
 
     def expected(student_input, teacher_input):
