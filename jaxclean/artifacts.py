@@ -65,6 +65,16 @@ def fingerprint(obj) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def without_unset(section: dict, fields) -> dict:
+    """`section` less each of `fields` that is off (absent, zero, empty or False).
+
+    An option added to a config section is recorded in specs only when it is on, so that the
+    specs of stages made before it existed (with it, in effect, off) still match and are not
+    redone.
+    """
+    return {k: v for k, v in section.items() if k not in fields or v}
+
+
 def differences(old, new, prefix="") -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         out = []

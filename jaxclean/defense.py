@@ -25,7 +25,7 @@ import jax
 import ml_collections
 
 from jaxclean import generation, regenerate, sharding, train
-from jaxclean.artifacts import differences, read_json, to_jsonable
+from jaxclean.artifacts import differences, read_json, to_jsonable, without_unset
 from jaxclean.data import ImageDataset
 from jaxclean.experiment import (
     ConfigError,
@@ -147,12 +147,9 @@ def _spec_recipe(recipe, *, distills: bool):
     """
     recipe = recipe.to_dict()  # A copy, and unlocked (launch.py locks the config).
     if distills:
-        dropped = [field for field in _LATER_DISTILLATION_FIELDS if not recipe.get(field)]
-    else:
-        dropped = _DISTILLATION_FIELDS
-    for field in (*dropped, *_DERIVED_FIELDS):
-        recipe.pop(field, None)
-    return recipe
+        recipe = without_unset(recipe, _LATER_DISTILLATION_FIELDS)
+    dropped = _DERIVED_FIELDS if distills else (*_DISTILLATION_FIELDS, *_DERIVED_FIELDS)
+    return {k: v for k, v in recipe.items() if k not in dropped}
 
 
 def baseline_recipe(recipe) -> ml_collections.ConfigDict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from jaxclean.attacks import TriggeredTestSets
@@ -18,13 +20,32 @@ def predictions(predict_fn, variables, images: np.ndarray, batch_size: int, mesh
     return np.argmax(predict(predict_fn, variables, images, batch_size, mesh), axis=-1)
 
 
-def evaluate_classifier(
+class Predictions(NamedTuple):
+    """A classifier's predicted classes on the clean test set and on its triggered copies."""
+
+    clean: np.ndarray
+    triggered: np.ndarray | None  # None when there is no attack.
+
+
+def classifier_predictions(
     predict_fn,
     variables,
     test: ImageDataset,
     triggered: TriggeredTestSets | None,
     batch_size: int,
     mesh,
+) -> Predictions:
+    """The one pass of inference every metric here is computed from."""
+    clean = predictions(predict_fn, variables, test.images, batch_size, mesh)
+    if triggered is None:
+        return Predictions(clean, None)
+    return Predictions(
+        clean, predictions(predict_fn, variables, triggered.robust.images, batch_size, mesh)
+    )
+
+
+def metrics_from_predictions(
+    predicted: Predictions, test: ImageDataset, triggered: TriggeredTestSets | None
 ) -> dict:
     """CA on the clean test set; ASR and RA on every triggered non-target test image.
 
@@ -38,20 +59,29 @@ def evaluate_classifier(
       {"clean_accuracy", "attack_success_rate", "untriggered_target_rate", "robust_accuracy"};
       the last three are absent when there is no attack.
     """
-    clean_predictions = predictions(predict_fn, variables, test.images, batch_size, mesh)
-    results = {"clean_accuracy": accuracy(clean_predictions, test.labels)}
+    results = {"clean_accuracy": accuracy(predicted.clean, test.labels)}
     if triggered is not None:
         results["untriggered_target_rate"] = accuracy(
-            clean_predictions[triggered.source_indices], triggered.attack_success.labels
-        )
-        triggered_predictions = predictions(
-            predict_fn, variables, triggered.robust.images, batch_size, mesh
+            predicted.clean[triggered.source_indices], triggered.attack_success.labels
         )
         results["attack_success_rate"] = accuracy(
-            triggered_predictions, triggered.attack_success.labels
+            predicted.triggered, triggered.attack_success.labels
         )
-        results["robust_accuracy"] = accuracy(triggered_predictions, triggered.robust.labels)
+        results["robust_accuracy"] = accuracy(predicted.triggered, triggered.robust.labels)
     return results
+
+
+def evaluate_classifier(
+    predict_fn,
+    variables,
+    test: ImageDataset,
+    triggered: TriggeredTestSets | None,
+    batch_size: int,
+    mesh,
+) -> dict:
+    """`metrics_from_predictions` of the classifier's `classifier_predictions`."""
+    predicted = classifier_predictions(predict_fn, variables, test, triggered, batch_size, mesh)
+    return metrics_from_predictions(predicted, test, triggered)
 
 
 def target_rates_by_class(

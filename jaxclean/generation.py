@@ -23,7 +23,13 @@ from jaxclean import (
     sharding,
     train,
 )
-from jaxclean.artifacts import atomic_write_bytes, differences, read_json, to_jsonable
+from jaxclean.artifacts import (
+    atomic_write_bytes,
+    differences,
+    read_json,
+    to_jsonable,
+    without_unset,
+)
 from jaxclean.data import ImageDataset
 from jaxclean.diffusion import generator as generator_lib
 from jaxclean.diffusion import hub, trainer
@@ -154,10 +160,7 @@ def encoder_stage(exp: Experiment) -> None:
 def encoder_recipe_spec(recipe) -> dict:
     """The encoder's recipe as far as it decides the weights; invariance_weight only when on,
     so encoders (and the shipped generator) made before it existed keep their specs."""
-    recipe = recipe.to_dict()
-    if not recipe.get("invariance_weight", 0.0):
-        recipe.pop("invariance_weight", None)
-    return recipe
+    return without_unset(recipe.to_dict(), ("invariance_weight",))
 
 
 def generator_weights_config(gen_config) -> dict:
@@ -414,12 +417,9 @@ def settings_from_config(config) -> sampler_lib.SamplerSettings:
 
 
 def regenerate_settings_config(regen_config) -> dict:
-    """config.regenerate as the regenerate stage's spec records it."""
-    regen = regen_config.to_dict()
-    if not regen.get("condition_corruption", 0.0):
-        # Off: the spec of variations made before the option existed.
-        regen.pop("condition_corruption", None)
-    return regen
+    """config.regenerate as the regenerate stage's spec records it: condition_corruption only
+    when on, so variations made before it existed keep their specs."""
+    return without_unset(regen_config.to_dict(), ("condition_corruption",))
 
 
 def variations_dir(exp: Experiment) -> str:

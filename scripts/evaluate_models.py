@@ -40,16 +40,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 CLASSIFIERS = tuple(name for name in report.MODEL_ORDER if name != "encoder")
 
 
-def print_by_class(exp, predict_fn, variables, batch_size: int) -> None:
+def print_by_class(exp, predicted: evaluate.Predictions) -> None:
     triggered = exp.triggered
     labels = triggered.robust.labels
-
-    def predicted(images):
-        return evaluate.predictions(predict_fn, variables, images, batch_size, exp.mesh)
-
     rates = evaluate.target_rates_by_class(
-        predicted(exp.splits.test.images[triggered.source_indices]),
-        predicted(triggered.robust.images),
+        predicted.clean[triggered.source_indices],
+        predicted.triggered,
         labels,
         exp.config.attack.target,
         exp.splits.train.num_classes,
@@ -86,12 +82,14 @@ def main(argv) -> None:
             exp, stage, recipe, exp.splits.train.num_classes
         )
         predict_fn = train.make_predict_fn(model.apply, exp.mesh)
-        metrics = evaluate.evaluate_classifier(
+        # One pass of inference serves the metrics and the per-class rates.
+        predicted = evaluate.classifier_predictions(
             predict_fn, variables, exp.splits.test, exp.triggered, recipe.eval_batch_size, exp.mesh
         )
+        metrics = evaluate.metrics_from_predictions(predicted, exp.splits.test, exp.triggered)
         print(f"{stage}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
         if _BY_CLASS.value and exp.triggered is not None:
-            print_by_class(exp, predict_fn, variables, recipe.eval_batch_size)
+            print_by_class(exp, predicted)
         updated[stage] = {**stored.get(stage, {}), **metrics}
     if _UPDATE.value and exp.is_writer:
         report.update_results(workdir, models=updated)

@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from jaxclean import detectability, evaluate, experiment, generation, regenerate, sharding, train  # noqa: E402  # noqa: E402
+from jaxclean import detectability, evaluate, experiment, generation, regenerate, sharding, train  # noqa: E402
 from jaxclean.diffusion import sampler as sampler_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file")

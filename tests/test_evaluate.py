@@ -54,6 +54,12 @@ def test_untriggered_target_rate_counts_the_same_images_without_the_trigger():
     assert metrics["robust_accuracy"] == len(kept) / n
     no_attack = evaluate.evaluate_classifier(predict_fn, {}, test, None, 8, mesh)
     assert set(no_attack) == {"clean_accuracy"}
+    # The single inference pass behind them: one prediction per image of each set.
+    predicted = evaluate.classifier_predictions(predict_fn, {}, test, sets, 8, mesh)
+    assert predicted.clean.shape == labels.shape
+    assert predicted.triggered.shape == (n,)
+    assert (predicted.triggered != target).sum() == len(kept)
+    assert evaluate.classifier_predictions(predict_fn, {}, test, None, 8, mesh).triggered is None
 
 
 def test_target_rates_by_class_splits_asr_and_its_floor_by_true_class():

@@ -26,7 +26,7 @@ from jaxclean import (
     pipeline,
     train,
 )
-from jaxclean.artifacts import StageConflict
+from jaxclean.artifacts import StageConflict, without_unset
 
 
 def smoke_config(data_dir, **teacher):
@@ -819,6 +819,14 @@ def test_attack_free_classifiers_of_another_attack_are_adopted_not_retrained(
     nowhere.reuse_attack_free_from = str(tmp_path / "nowhere")
     with pytest.raises(pipeline.ConfigError, match="no finished clean_reference"):
         pipeline.run(nowhere, str(tmp_path / "nowhere_run"), "clean_reference")
+
+
+def test_without_unset_drops_only_the_named_options_that_are_off():
+    section = {"a": 0.0, "b": 0.5, "c": 0, "d": False, "e": ""}
+    # An option added later is left out while off (so older specs still match); an option
+    # not named, or named and on, is kept whatever its value.
+    assert without_unset(section, ("a", "b", "d", "e", "absent")) == {"b": 0.5, "c": 0}
+    assert without_unset(section, ()) == section
 
 
 def test_encoder_invariance_weight_trains_another_encoder_and_enters_specs_only_when_on(

@@ -5,13 +5,15 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_regenerate import read_all, run_worker
 from tiny_hub import TINY_RESOLUTION, write_tiny_sd_image_variations, write_tiny_sd_img2img
 
 from configs import common, smoke
-from jaxclean import pipeline
+from jaxclean import pipeline, sharding
+from jaxclean.diffusion import sampler
 from jaxclean.diffusion import stable_diffusion as sd
 
 
@@ -45,6 +47,43 @@ def test_loads_every_component_with_the_scheduler_of_the_model(tiny_model):
     # set_alpha_to_one=False and steps_offset=1, as SD's DDIM config says.
     assert model.steps_offset == 1
     assert model.final_alpha_cumprod == pytest.approx(model.alphas_cumprod[0])
+
+
+def test_condition_corruption_reaches_sd_only_through_the_clip_condition(tiny_model, tiny_img2img):
+    """With the option on, SD image variations are those of the corrupted copies of the
+    sources (colour transfer off, so the sources enter nowhere else); img2img conditions on the
+    class prompt alone, so the option cannot reach it."""
+    images = np.random.default_rng(0).integers(0, 256, (4, 28, 28, 1), dtype=np.uint8)
+    labels = np.arange(4, dtype=np.int32)
+    indices = np.arange(4, dtype=np.int32)
+    mesh = sharding.make_mesh()
+    rng = jax.random.key(7)
+
+    def vary(model, params, sources, condition_corruption, strength=1.0):
+        settings = sampler.SamplerSettings(
+            steps=2,
+            guidance=2.0,
+            strength=strength,
+            color_transfer=False,
+            condition_corruption=condition_corruption,
+        )
+        sample = sampler.make_sampler(model, settings, mesh)
+        return np.asarray(sample(params, sources, indices, labels, rng))
+
+    model, params = sd.load_sd_image_variations(tiny_model, (28, 28, 1), TINY_RESOLUTION)
+    copies = np.asarray(
+        sampler.corrupt_sources(images, sampler.sample_keys(rng, jnp.asarray(indices)), 1.0)
+    )
+    corrupted = vary(model, params, images, 1.0)
+    np.testing.assert_array_equal(corrupted, vary(model, params, copies, 0.0))
+    assert np.abs(corrupted.astype(int) - vary(model, params, images, 0.0)).max() > 0
+
+    model, params = sd.load_sd_img2img(
+        tiny_img2img, (28, 28, 1), TINY_RESOLUTION, [str(c) for c in range(10)], "a photo of {}"
+    )
+    np.testing.assert_array_equal(
+        vary(model, params, images, 1.0, strength=0.5), vary(model, params, images, 0.0, 0.5)
+    )
 
 
 @pytest.mark.slow

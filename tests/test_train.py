@@ -297,6 +297,27 @@ def test_corruption_without_noise_is_the_same_contrast_and_level_change_only():
     assert abs(residual.mean()) < 0.01
 
 
+def test_corrupt_images_draws_each_image_from_its_own_key_and_stream():
+    images = jnp.asarray(np.random.default_rng(3).uniform(-1, 1, (16, 8, 8, 1)), jnp.float32)
+    keys = train.sample_keys(jax.random.key(5), jnp.arange(16))
+    stream = train.STUDENT_CORRUPTION_STREAM
+    out = np.asarray(train.corrupt_images(images, keys, stream, 1.0))
+    # Image i is corrupt_image of it under its key folded with the stream, whatever the batch:
+    # the same images in reverse order give the same corruptions, reversed.
+    for i in (0, 7, 15):
+        one = train.corrupt_image(images[i], jax.random.fold_in(keys[i], stream), 1.0)
+        np.testing.assert_allclose(out[i], np.asarray(one), atol=1e-6)
+    reversed_out = train.corrupt_images(images[::-1], keys[::-1], stream, 1.0)
+    np.testing.assert_allclose(np.asarray(reversed_out)[::-1], out, atol=1e-6)
+    # Another stream draws other corruptions from the same keys; probability 0 is the identity.
+    other = np.asarray(train.corrupt_images(images, keys, train.INVARIANCE_COPY_STREAM, 1.0))
+    assert np.all(np.any(other != out, axis=(1, 2, 3)))
+    np.testing.assert_array_equal(
+        np.asarray(train.corrupt_images(images, keys, stream, 0.0)), np.asarray(images)
+    )
+    assert np.abs(out).max() <= 1.0
+
+
 def test_epoch_order_depends_only_on_seed_and_epoch():
     a = train.epoch_order(100, seed=0, epoch=3)
     np.testing.assert_array_equal(a, train.epoch_order(100, seed=0, epoch=3))
