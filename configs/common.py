@@ -63,7 +63,10 @@ def student_recipe(recipe: ml_collections.ConfigDict | None = None) -> ml_collec
     sees the variations only; teacher_prior_correction (the teacher's logits re-based from its
     training set's label prior to the trusted split's, `train.teacher_prior_correction`) off;
     corrupt_baselines on: the cross-entropy baselines read their
-    images through the student's corruption (`defense.baseline_recipe`), like-for-like. Every
+    images through the student's corruption (`defense.baseline_recipe`), like-for-like;
+    seed_offset 0: the distilled models initialise and shuffle from config.seed + seed_offset,
+    so a copy of a workdir can repeat them under other seeds on the same split, poison and
+    variations (config.seed would redraw those too). Every
     config's student is built here, so each field exists to be overridden from the command line.
     """
     recipe = classifier_recipe() if recipe is None else recipe
@@ -75,6 +78,7 @@ def student_recipe(recipe: ml_collections.ConfigDict | None = None) -> ml_collec
             include_trusted=False,
             teacher_prior_correction=False,
             corrupt_baselines=True,
+            seed_offset=0,
         )
     )
     return recipe

@@ -46,6 +46,9 @@ def validate_distillation(recipe) -> None:
             f"student.student_corruption {recipe.student_corruption} must be a probability "
             "in [0, 1]"
         )
+    seed_offset = recipe.get("seed_offset", 0)
+    if not isinstance(seed_offset, int) or seed_offset < 0:
+        raise ConfigError(f"student.seed_offset {seed_offset!r} must be an integer >= 0")
     if recipe.get("include_trusted", False) and recipe.select == "best":
         raise ConfigError(
             "student.include_trusted trains on the trusted split, which student.select='best' "
@@ -124,13 +127,27 @@ def _distilled(exp: Experiment, name: str, dataset: ImageDataset, spec: dict) ->
         "teacher": teacher_record["spec_fingerprint"],
     }
     train_classifier(
-        exp, name, dataset, recipe, spec, make_step=make_step, extra_args=(teacher_variables,)
+        exp,
+        name,
+        dataset,
+        recipe,
+        spec,
+        make_step=make_step,
+        extra_args=(teacher_variables,),
+        # A repeat under another initialisation and data order; the data split, poison and
+        # variations stay those of config.seed.
+        seed=exp.config.seed + recipe.get("seed_offset", 0),
     )
 
 
 # The student recipe's fields that only distillation reads; those added after the first
 # records were made are recorded only when on.
-_LATER_DISTILLATION_FIELDS = ("student_corruption", "include_trusted", "teacher_prior_correction")
+_LATER_DISTILLATION_FIELDS = (
+    "student_corruption",
+    "include_trusted",
+    "teacher_prior_correction",
+    "seed_offset",
+)
 _DISTILLATION_FIELDS = ("alpha", "temperature", *_LATER_DISTILLATION_FIELDS)
 # Fields recorded through their effect (the baselines' `corruption`), not themselves.
 _DERIVED_FIELDS = ("corrupt_baselines",)

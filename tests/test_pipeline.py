@@ -282,6 +282,27 @@ def test_distillation_fields_retrain_only_the_distilled_models(run_copy, idx_dir
         assert f"{stage}: done already" in out
 
 
+def test_student_seed_offset_repeats_only_the_distilled_models(run_copy, idx_dir, capsys):
+    config = smoke_config(idx_dir)
+    config.student.seed_offset = 1
+    # A finished student of seed offset 0 is refused, not reused; the baselines, which do not
+    # read the field, are still done.
+    with pytest.raises(StageConflict, match="seed_offset"):
+        pipeline.run(config, run_copy, "student")
+    pipeline.run(config, run_copy, "variations_only,trusted_only,clean_reference")
+    assert capsys.readouterr().out.count("done already") == 3
+    # In a copy without it, the student trains again from another initialisation and order,
+    # on the same variations, and its spec says which repeat it is.
+    first = checkpointing.load_tree(os.path.join(run_copy, "student", "model"))
+    shutil.rmtree(os.path.join(run_copy, "student"))
+    pipeline.run(config, run_copy, "student")
+    spec = json.load(open(os.path.join(run_copy, "student", "spec.json")))
+    assert spec["student"]["seed_offset"] == 1
+    repeat = checkpointing.load_tree(os.path.join(run_copy, "student", "model"))
+    differs = jax.tree.map(lambda a, b: not np.allclose(a, b), first["params"], repeat["params"])
+    assert all(jax.tree.leaves(differs))
+
+
 def test_seed_summary_keeps_the_first_seed_and_adds_mean_and_spread():
     runs = [
         {"attack_success_rate": 0.01, "untriggered_target_rate": 0.03, "robust_accuracy": 0.2},
@@ -494,6 +515,11 @@ def test_poison_plan_that_would_differ_is_refused(idx_dir, tmp_path):
         (lambda c: setattr(c.student, "alpha", 1.5), pipeline.ConfigError, r"alpha 1.5"),
         (lambda c: setattr(c.student, "alpha", -0.1), pipeline.ConfigError, "alpha"),
         (lambda c: setattr(c.student, "temperature", 0.0), pipeline.ConfigError, "temperature"),
+        (
+            lambda c: setattr(c.student, "seed_offset", -1),
+            pipeline.ConfigError,
+            r"student.seed_offset -1 must be an integer >= 0",
+        ),
         (
             lambda c: setattr(c.student, "student_corruption", 1.5),
             pipeline.ConfigError,
