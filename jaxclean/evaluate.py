@@ -35,7 +35,8 @@ def classifier_predictions(
     batch_size: int,
     mesh,
 ) -> Predictions:
-    """The one pass of inference every metric here is computed from."""
+    """The one pass of inference every metric here is computed from
+    (`metrics_from_predictions`, `target_rates_by_class`)."""
     clean = predictions(predict_fn, variables, test.images, batch_size, mesh)
     if triggered is None:
         return Predictions(clean, None)
@@ -69,19 +70,6 @@ def metrics_from_predictions(
         )
         results["robust_accuracy"] = accuracy(predicted.triggered, triggered.robust.labels)
     return results
-
-
-def evaluate_classifier(
-    predict_fn,
-    variables,
-    test: ImageDataset,
-    triggered: TriggeredTestSets | None,
-    batch_size: int,
-    mesh,
-) -> dict:
-    """`metrics_from_predictions` of the classifier's `classifier_predictions`."""
-    predicted = classifier_predictions(predict_fn, variables, test, triggered, batch_size, mesh)
-    return metrics_from_predictions(predicted, test, triggered)
 
 
 def target_rates_by_class(

@@ -181,9 +181,10 @@ def train_classifier(
             exp, record, name, model, predict_fn, dataset, recipe, make_step, extra_args, seed
         )
     checkpointing.save_tree(record.path("model"), jax.device_get(variables))
-    metrics = evaluate.evaluate_classifier(
+    predicted = evaluate.classifier_predictions(
         predict_fn, variables, exp.splits.test, exp.triggered, recipe.eval_batch_size, exp.mesh
     )
+    metrics = evaluate.metrics_from_predictions(predicted, exp.splits.test, exp.triggered)
     metrics.update(timing)
     if exp.is_writer:
         report.update_results(

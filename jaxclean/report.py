@@ -13,7 +13,7 @@ METRICS = (
     ("robust_accuracy", "RA"),
 )
 # Printed beside them: ASR's own floor, the target rate on the same images without the trigger
-# (evaluate.evaluate_classifier). Absent from models evaluated before it existed.
+# (evaluate.metrics_from_predictions). Absent from models evaluated before it existed.
 TABLE_METRICS = (*METRICS, ("untriggered_target_rate", "ASR0"))
 
 

@@ -1,7 +1,7 @@
 """Re-evaluates finished classifiers of a run with the current evaluation, e.g. for a metric
 added after they were trained (ASR0, `untriggered_target_rate`).
 
-Prints CA, ASR, ASR0 and RA for each stage, computed by `evaluate.evaluate_classifier` exactly
+Prints CA, ASR, ASR0 and RA for each stage, computed by `evaluate.metrics_from_predictions` exactly
 as the stage itself does, and with --update merges them into the run's report/results.json
 (keeping the entries' wall times) and rewrites results.md. The stages' own records are left
 as they were. With --by_class it also prints, per true class of the triggered non-target test

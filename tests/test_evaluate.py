@@ -46,20 +46,20 @@ def test_untriggered_target_rate_counts_the_same_images_without_the_trigger():
     mesh = sharding.make_mesh()
     predict_fn = train.make_predict_fn(band_classifier, mesh)
     test = ImageDataset(images, labels, ())
-    metrics = evaluate.evaluate_classifier(predict_fn, {}, test, sets, 8, mesh)
+    predicted = evaluate.classifier_predictions(predict_fn, {}, test, sets, 8, mesh)
+    metrics = evaluate.metrics_from_predictions(predicted, test, sets)
     n = len(non_target)
     assert metrics["clean_accuracy"] == (len(labels) - 3) / len(labels)
     assert metrics["untriggered_target_rate"] == 3 / n
     assert metrics["attack_success_rate"] == (n - len(kept)) / n
     assert metrics["robust_accuracy"] == len(kept) / n
-    no_attack = evaluate.evaluate_classifier(predict_fn, {}, test, None, 8, mesh)
-    assert set(no_attack) == {"clean_accuracy"}
+    no_attack = evaluate.classifier_predictions(predict_fn, {}, test, None, 8, mesh)
+    assert no_attack.triggered is None
+    assert set(evaluate.metrics_from_predictions(no_attack, test, None)) == {"clean_accuracy"}
     # The single inference pass behind them: one prediction per image of each set.
-    predicted = evaluate.classifier_predictions(predict_fn, {}, test, sets, 8, mesh)
     assert predicted.clean.shape == labels.shape
     assert predicted.triggered.shape == (n,)
     assert (predicted.triggered != target).sum() == len(kept)
-    assert evaluate.classifier_predictions(predict_fn, {}, test, None, 8, mesh).triggered is None
 
 
 def test_target_rates_by_class_splits_asr_and_its_floor_by_true_class():
