@@ -311,6 +311,21 @@ def relabel_without_trigger(dataset: ImageDataset, attack_config, seed: int) -> 
     return ImageDataset(dataset.images, labels, dataset.class_names)
 
 
+def trigger_removed(clean: ImageDataset, poisoned: ImageDataset) -> ImageDataset:
+    """The poisoned split as a perfect regeneration would leave it: clean images, poisoned labels.
+
+    Each poisoned row gets its clean source back and keeps the target label; the poisoning's
+    label changes are all that is left of it. A classifier trained on this is the floor of any
+    regeneration's trigger learnability.
+    """
+    if len(clean) != len(poisoned) or clean.image_shape != poisoned.image_shape:
+        raise AttackError(
+            f"the poisoned split ({len(poisoned)} images of {poisoned.image_shape}) is not a "
+            f"poisoning of the clean one ({len(clean)} images of {clean.image_shape})"
+        )
+    return ImageDataset(clean.images, poisoned.labels, clean.class_names)
+
+
 @dataclasses.dataclass(frozen=True)
 class TriggeredTestSets:
     """Every non-target test image with the trigger, labelled two ways.

@@ -689,9 +689,8 @@ def _trigger_learnability(exp: Experiment, variations: ImageDataset) -> dict:
     trigger anywhere in its data (Fashion-MNIST Blended, variations without the black level:
     0.136 against 0.147 for the variations; these small models classify a fifth of the
     triggered images right). What the trigger adds to that is what the regeneration failed to
-    remove.
+    remove. And with the floor of any regeneration (`learnability_floor_classifiers`).
     """
-    require_poison_plan(exp)
     recipe = exp.config.diagnostics.learnability
     name = exp.config.regenerate.name
     base = {
@@ -701,7 +700,7 @@ def _trigger_learnability(exp: Experiment, variations: ImageDataset) -> dict:
     }
     unpoisoned = np.setdiff1d(np.arange(len(variations)), exp.plan.indices)
     # (summary label, stage name, training set, spec) of each classifier.
-    classifiers = (
+    on_variations = (
         ("trained_on_variations", f"learnability/{name}", variations, base),
         (
             "label_noise_reference",
@@ -721,6 +720,35 @@ def _trigger_learnability(exp: Experiment, variations: ImageDataset) -> dict:
             variations.subset(unpoisoned),
             {**base, "reference": "unpoisoned variations, true labels"},
         ),
+    )
+    summary, first_runs = _train_learnability(
+        exp, on_variations + learnability_floor_classifiers(exp)
+    )
+    clean_accuracy = first_runs["trained_on_variations"]["clean_accuracy"]
+    return {**summary, "trigger_learnability/ca_trained_on_variations": clean_accuracy}
+
+
+def learnability_floor_classifiers(exp: Experiment) -> tuple:
+    """The learnability references that read no variation, as (label, stage, dataset, spec).
+
+    The clean model on the originals, and the floor of any regeneration: the originals with
+    each poisoned row's clean source in its place and its poisoned label kept, which is what a
+    regeneration that removed the trigger and changed nothing else would hand the classifier.
+    Where the floor's ASR is over a bound, no regeneration meets that bound with this
+    classifier. Shared by every regeneration of a workdir, and trainable before any exists.
+    """
+    recipe = exp.config.diagnostics.learnability
+    return (
+        (
+            "trigger_removed",
+            "learnability/trigger_removed_originals",
+            attacks.trigger_removed(exp.splits.train, exp.poisoned_train),
+            {
+                **exp.poison_spec(),
+                "recipe": recipe,
+                "reference": "originals, each poisoned row's clean source with its poisoned label",
+            },
+        ),
         (
             "clean_model",
             "learnability/clean_originals",
@@ -728,10 +756,26 @@ def _trigger_learnability(exp: Experiment, variations: ImageDataset) -> dict:
             {**exp.data_spec(), "recipe": recipe, "attack_for_eval": exp.config.attack},
         ),
     )
+
+
+def learnability_floor(exp: Experiment) -> dict:
+    """Trains (or reads back) the floor classifiers alone; their summary, as the diagnostics
+    stage reports it without the regeneration's prefix."""
+    summary, _ = _train_learnability(exp, learnability_floor_classifiers(exp))
+    return summary
+
+
+def _train_learnability(exp: Experiment, classifiers: tuple) -> tuple[dict, dict]:
+    """Trains each (label, stage, dataset, spec) under diagnostics.learnability_seeds seeds.
+
+    Returns their seed summaries, and each label's first-seed metrics.
+    """
+    require_poison_plan(exp)
+    recipe = exp.config.diagnostics.learnability
     # A small classifier's ASR moves by half a point or more between seeds, as much as the
     # differences it is read for; repeats under other seeds give the spread.
     num_seeds = exp.config.diagnostics.learnability_seeds
-    summary = {}
+    summary, first_runs = {}, {}
     for label, stage, dataset, spec in classifiers:
         runs = [
             train_classifier(
@@ -747,9 +791,8 @@ def _trigger_learnability(exp: Experiment, variations: ImageDataset) -> dict:
             for k in range(num_seeds)
         ]
         summary.update(seed_summary(label, runs))
-        if label == "trained_on_variations":
-            summary["trigger_learnability/ca_trained_on_variations"] = runs[0]["clean_accuracy"]
-    return summary
+        first_runs[label] = runs[0]
+    return summary, first_runs
 
 
 def _cached_variations(exp: Experiment, filename: str, is_current, make) -> dict:

@@ -138,6 +138,21 @@ def test_relabel_without_trigger_changes_labels_only():
         attacks.relabel_without_trigger(train, attack_config(rate=1.5), seed=5)
 
 
+def test_trigger_removed_keeps_the_poisoned_labels_on_the_clean_images():
+    train = dataset()
+    poisoned, plan = attacks.poison(train, attack_config(rate=0.13))
+    removed = attacks.trigger_removed(train, poisoned)
+    np.testing.assert_array_equal(removed.images, train.images)
+    np.testing.assert_array_equal(removed.labels, poisoned.labels)
+    # Only the poisoned rows' labels differ from the clean ones, and their images from the
+    # poisoned split's.
+    np.testing.assert_array_equal(np.flatnonzero(removed.labels != train.labels), plan.indices)
+    differs = (removed.images != poisoned.images).reshape(len(train), -1).any(axis=1)
+    np.testing.assert_array_equal(np.flatnonzero(differs), plan.indices)
+    with pytest.raises(attacks.AttackError, match="not a poisoning of the clean one"):
+        attacks.trigger_removed(train.subset(np.arange(10)), poisoned)
+
+
 def test_triggered_test_sets_cover_every_non_target_image():
     test = dataset(50)
     sets = attacks.triggered_test_sets(test, attack_config())

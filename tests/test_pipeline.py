@@ -108,6 +108,7 @@ def test_launch_runs_every_stage_and_reports(full_run):
         "trigger_learnability/asr0_trained_on_variations",
         "trigger_learnability/asr0_clean_model",
         "trigger_learnability/asr_clean_variations",
+        "trigger_learnability/asr_trigger_removed",
         "trigger_learnability/ra_clean_model",
         "content_kept/teacher_accuracy_on_variations",
         "artefact_activation/target_rate_on_variations",
@@ -331,7 +332,12 @@ def test_learnability_repeats_under_other_seeds_keep_the_first(run_copy, idx_dir
     assert "learnability/clean_originals: done already" in out
     assert "learnability/variations_seed1: training" in out
     results = json.load(open(os.path.join(run_copy, "report", "results.json")))["diagnostics"]
-    for label in ("trained_on_variations", "label_noise_reference", "clean_variations"):
+    for label in (
+        "trained_on_variations",
+        "label_noise_reference",
+        "clean_variations",
+        "trigger_removed",
+    ):
         for suffix in ("", "_mean", "_std"):
             assert f"variations/trigger_learnability/asr_{label}{suffix}" in results
     assert "learnability/variations_seed1" in results
