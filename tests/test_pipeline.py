@@ -322,6 +322,37 @@ def test_seed_summary_keeps_the_first_seed_and_adds_mean_and_spread():
 
 
 @pytest.mark.slow
+def test_learnability_floor_trains_before_any_generator_and_the_diagnostics_reuse_it(
+    run_copy, idx_dir, tmp_path, capsys
+):
+    config = smoke_config(idx_dir)
+    # A workdir with nothing in it: the floor needs only the poison plan, which it makes.
+    fresh = str(tmp_path / "fresh")
+    os.makedirs(fresh)
+    summary = generation.learnability_floor(experiment.Experiment(config, fresh))
+    for label in ("trigger_removed", "clean_model"):
+        for metric in ("asr", "asr0", "ra"):
+            assert 0.0 <= summary[f"trigger_learnability/{metric}_{label}"] <= 1.0
+    made = set(os.listdir(fresh))
+    assert {"poison", "learnability"} <= made and not {"teacher", "generator", "regenerated"} & made
+    spec = json.load(open(os.path.join(fresh, "learnability/trigger_removed_originals/spec.json")))
+    assert spec["attack"]["name"] == config.attack.name and "variations" not in spec
+    # In a finished run it is one of the diagnostics' own stages: trained alone, read back.
+    shutil.rmtree(os.path.join(run_copy, "learnability", "trigger_removed_originals"))
+    generation.learnability_floor(experiment.Experiment(config, run_copy))
+    assert "learnability/trigger_removed_originals: training" in capsys.readouterr().out
+    pipeline.run(config, run_copy, "diagnostics")
+    out = capsys.readouterr().out
+    assert "learnability/trigger_removed_originals: done already" in out
+    results = json.load(open(os.path.join(run_copy, "report", "results.json")))["diagnostics"]
+    stage = results["learnability/trigger_removed_originals"]
+    assert (
+        results["variations/trigger_learnability/asr_trigger_removed"]
+        == stage["attack_success_rate"]
+    )
+
+
+@pytest.mark.slow
 def test_learnability_repeats_under_other_seeds_keep_the_first(run_copy, idx_dir, capsys):
     config = smoke_config(idx_dir)
     config.diagnostics.learnability_seeds = 2
