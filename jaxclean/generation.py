@@ -682,14 +682,15 @@ def _trigger_learnability(exp: Experiment, variations: ImageDataset) -> dict:
     """Can a plain classifier learn the trigger from the variations and their poisoned labels?
 
     Compared with the same classifier trained on the clean originals, and on the unpoisoned
-    variations with their true labels: a clean model's ASR is the floor, since some non-target
-    images look like the target to any model. And with a label-noise reference, trained on the
-    variations of the unpoisoned images with the same rate of them relabelled to the target:
-    the poisoned labels alone raise a model's target rate on inputs it cannot classify, with no
-    trigger anywhere in its data (Fashion-MNIST Blended, variations without the black level:
-    0.136 against 0.147 for the variations; these small models classify a fifth of the
-    triggered images right). What the trigger adds to that is what the regeneration failed to
-    remove. And with the floor of any regeneration (`learnability_floor_classifiers`).
+    variations with their true labels: a clean model's ASR is the bound's reference, since
+    some non-target images look like the target to any model. And with a label-noise
+    reference, trained on the variations of the unpoisoned images with the same rate of them
+    relabelled to the target: the poisoned labels alone raise a model's target rate on inputs
+    it cannot classify, with no trigger anywhere in its data (Fashion-MNIST Blended,
+    variations without the black level: 0.136 against 0.147 for the variations; these small
+    models classify a fifth of the triggered images right). What the trigger adds to that is
+    what the regeneration failed to remove. And with the floor of any regeneration
+    (`learnability_floor_classifiers`).
     """
     recipe = exp.config.diagnostics.learnability
     name = exp.config.regenerate.name

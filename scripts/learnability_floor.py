@@ -27,7 +27,9 @@ sys.path.insert(0, REPO)
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from jaxclean import experiment, generation, report  # noqa: E402
+from jaxclean import attacks, data, experiment, generation, pipeline, report  # noqa: E402
+from jaxclean.artifacts import StageConflict  # noqa: E402
+from jaxclean.experiment import ConfigError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file")
 _WORKDIR = flags.DEFINE_string("workdir", None, "the run's workdir (made when missing)")
@@ -40,9 +42,15 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv) -> None:
     del argv
     config, workdir = _CONFIG.value, _WORKDIR.value
-    os.makedirs(workdir, exist_ok=True)
-    exp = experiment.Experiment(config, workdir)
-    generation.learnability_floor(exp)
+    if config.attack.name == "none":
+        raise app.UsageError("the config has no attack: there are no poisoned labels to learn")
+    try:
+        pipeline.validate_config(config)
+        os.makedirs(workdir, exist_ok=True)
+        exp = experiment.Experiment(config, workdir)
+        generation.learnability_floor(exp)
+    except (ConfigError, data.DataError, attacks.AttackError, StageConflict) as e:
+        raise app.UsageError(str(e)) from e
     exp.writer.close()
     diagnostics = report.read_results(workdir)["diagnostics"]
     print(f"{'seed':>4} {'clean ASR':>9} {'bound':>7} {'floor ASR':>9} {'ASR0':>7} {'RA':>7}")
