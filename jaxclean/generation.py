@@ -722,10 +722,8 @@ def _trigger_learnability(exp: Experiment, variations: ImageDataset) -> dict:
             {**base, "reference": "unpoisoned variations, true labels"},
         ),
     )
-    summary, first_runs = _train_learnability(
-        exp, on_variations + learnability_floor_classifiers(exp)
-    )
-    clean_accuracy = first_runs["trained_on_variations"]["clean_accuracy"]
+    summary, runs = _train_learnability(exp, on_variations + learnability_floor_classifiers(exp))
+    clean_accuracy = runs["trained_on_variations"][0]["clean_accuracy"]
     return {**summary, "trigger_learnability/ca_trained_on_variations": clean_accuracy}
 
 
@@ -759,24 +757,23 @@ def learnability_floor_classifiers(exp: Experiment) -> tuple:
     )
 
 
-def learnability_floor(exp: Experiment) -> dict:
-    """Trains (or reads back) the floor classifiers alone; their summary, as the diagnostics
-    stage reports it without the regeneration's prefix."""
-    summary, _ = _train_learnability(exp, learnability_floor_classifiers(exp))
-    return summary
+def learnability_floor(exp: Experiment) -> tuple[dict, dict]:
+    """Trains (or reads back) the floor classifiers alone: their summary, as the diagnostics
+    stage reports it without the regeneration's prefix, and each label's metrics per seed."""
+    return _train_learnability(exp, learnability_floor_classifiers(exp))
 
 
 def _train_learnability(exp: Experiment, classifiers: tuple) -> tuple[dict, dict]:
     """Trains each (label, stage, dataset, spec) under diagnostics.learnability_seeds seeds.
 
-    Returns their seed summaries, and each label's first-seed metrics.
+    Returns their seed summaries, and each label's metrics per seed (the first seed first).
     """
     require_poison_plan(exp)
     recipe = exp.config.diagnostics.learnability
     # A small classifier's ASR moves by half a point or more between seeds, as much as the
     # differences it is read for; repeats under other seeds give the spread.
     num_seeds = exp.config.diagnostics.learnability_seeds
-    summary, first_runs = {}, {}
+    summary, runs_by_label = {}, {}
     for label, stage, dataset, spec in classifiers:
         runs = [
             train_classifier(
@@ -792,8 +789,8 @@ def _train_learnability(exp: Experiment, classifiers: tuple) -> tuple[dict, dict
             for k in range(num_seeds)
         ]
         summary.update(seed_summary(label, runs))
-        first_runs[label] = runs[0]
-    return summary, first_runs
+        runs_by_label[label] = runs
+    return summary, runs_by_label
 
 
 def _cached_variations(exp: Experiment, filename: str, is_current, make) -> dict:

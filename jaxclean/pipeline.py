@@ -116,18 +116,17 @@ def run(config, workdir: str, stages: str | None = None) -> dict:
     return report.read_results(workdir)
 
 
+# Bad input and refused work: reported as one message, not a traceback.
+INPUT_ERRORS = (ConfigError, data.DataError, attacks.AttackError, StageConflict)
+
+
 def main(config, workdir: str, stages: str | None) -> None:
     """launch.py's body: runs, then prints the table; bad input exits with its message."""
     import sys
 
     try:
         results = run(config, workdir, stages)
-    except (
-        ConfigError,
-        data.DataError,
-        attacks.AttackError,
-        StageConflict,
-    ) as e:
+    except INPUT_ERRORS as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from e
     log("\n" + report.summary_table(results))

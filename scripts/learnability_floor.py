@@ -27,9 +27,7 @@ sys.path.insert(0, REPO)
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from jaxclean import attacks, data, experiment, generation, pipeline, report  # noqa: E402
-from jaxclean.artifacts import StageConflict  # noqa: E402
-from jaxclean.experiment import ConfigError  # noqa: E402
+from jaxclean import experiment, generation, pipeline  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file")
 _WORKDIR = flags.DEFINE_string("workdir", None, "the run's workdir (made when missing)")
@@ -48,16 +46,12 @@ def main(argv) -> None:
         pipeline.validate_config(config)
         os.makedirs(workdir, exist_ok=True)
         exp = experiment.Experiment(config, workdir)
-        generation.learnability_floor(exp)
-    except (ConfigError, data.DataError, attacks.AttackError, StageConflict) as e:
+        _, runs = generation.learnability_floor(exp)
+    except pipeline.INPUT_ERRORS as e:
         raise app.UsageError(str(e)) from e
     exp.writer.close()
-    diagnostics = report.read_results(workdir)["diagnostics"]
     print(f"{'seed':>4} {'clean ASR':>9} {'bound':>7} {'floor ASR':>9} {'ASR0':>7} {'RA':>7}")
-    for k in range(config.diagnostics.learnability_seeds):
-        suffix = "" if k == 0 else f"_seed{k}"
-        clean = diagnostics[f"learnability/clean_originals{suffix}"]
-        floor = diagnostics[f"learnability/trigger_removed_originals{suffix}"]
+    for k, (clean, floor) in enumerate(zip(runs["clean_model"], runs["trigger_removed"])):
         bound = clean["attack_success_rate"] + _MARGIN.value
         verdict = "over the bound" if floor["attack_success_rate"] > bound else "within it"
         print(

@@ -329,7 +329,7 @@ def test_learnability_floor_trains_before_any_generator_and_the_diagnostics_reus
     # A workdir with nothing in it: the floor needs only the poison plan, which it makes.
     fresh = str(tmp_path / "fresh")
     os.makedirs(fresh)
-    summary = generation.learnability_floor(experiment.Experiment(config, fresh))
+    summary, _ = generation.learnability_floor(experiment.Experiment(config, fresh))
     for label in ("trigger_removed", "clean_model"):
         for metric in ("asr", "asr0", "ra"):
             assert 0.0 <= summary[f"trigger_learnability/{metric}_{label}"] <= 1.0
