@@ -15,7 +15,7 @@ import jax
 from jaxclean import attacks, checkpointing, data, evaluate, report, sharding, train
 from jaxclean.artifacts import StageRecord, atomic_write_json, read_json, to_jsonable
 from jaxclean.metrics import MetricWriter
-from jaxclean.models import make_classifier
+from jaxclean.models import classifier_from_recipe
 
 
 class ConfigError(ValueError):
@@ -166,7 +166,7 @@ def train_classifier(
             report.update_results(exp.workdir, **{report_section: {name: metrics}})
         return metrics
     record.claim()
-    model = make_classifier(recipe.model, dataset.num_classes, width=recipe.width)
+    model = classifier_from_recipe(recipe, dataset.num_classes)
     # One predict function for the "best" selection during training and the final evaluation.
     predict_fn = train.make_predict_fn(model.apply, exp.mesh)
     if adopt_from:
@@ -276,7 +276,7 @@ def load_classifier(exp: Experiment, name: str, recipe, num_classes: int):
     record_dir = os.path.join(exp.workdir, name)
     if not os.path.exists(os.path.join(record_dir, "done.json")):
         raise ConfigError(f"no finished {name} in {exp.workdir}: run --stages={name} first")
-    model = make_classifier(recipe.model, num_classes, width=recipe.width)
+    model = classifier_from_recipe(recipe, num_classes)
     return model, checkpointing.load_tree(os.path.join(record_dir, "model"))
 
 

@@ -45,7 +45,7 @@ from jaxclean.experiment import (
     train_classifier,
     validate_recipe,
 )
-from jaxclean.models import make_classifier
+from jaxclean.models import classifier_from_recipe
 
 GENERATOR_SPLITS = ("trusted", "poisoned_train")
 # latent_diffusion: trained here on the trusted split (the offline default). The others are
@@ -918,7 +918,7 @@ def _fit_detector(exp: Experiment, stage: str, spec: dict, make_pairs, fit_rows,
     record.claim()
     recipe = exp.config.diagnostics.detectability
     triggered, clean = make_pairs()
-    model = make_classifier(recipe.model, len(detectability.PAIR_CLASSES), width=recipe.width)
+    model = classifier_from_recipe(recipe, len(detectability.PAIR_CLASSES))
     predict_fn = train.make_predict_fn(model.apply, exp.mesh)
     dataset = detectability.pair_dataset(triggered[fit_rows], clean[fit_rows])
     variables, timing, _ = fit_classifier(

@@ -2,9 +2,12 @@
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import pytest
 
-from jaxclean.models import CLASSIFIERS, make_classifier
+from configs import common
+from jaxclean.models import CLASSIFIERS, classifier_from_recipe, make_classifier
+from jaxclean.models.resnet import standardize_per_image
 
 
 def num_params(variables):
@@ -68,3 +71,41 @@ def test_output_modes_share_one_pass_and_bad_mode_is_named():
     assert jnp.allclose(features @ dense["kernel"] + dense["bias"], logits, atol=1e-5)
     with pytest.raises(ValueError, match="output must be one of .* got 'pooled'"):
         model.apply(variables, x, output="pooled")
+
+
+def test_a_standardising_classifier_cannot_see_contrast_or_black_level():
+    # A blend 0.8 x + 0.2 p is mostly a contrast and black-level change of x: a classifier that
+    # standardises its input answers the same to x and to any a x + b (a > 0), a plain one not.
+    images = jax.random.uniform(jax.random.key(1), (3, 8, 8, 1), minval=-1.0, maxval=1.0)
+    washed_out = 0.6 * images - 0.3
+    recipe = common.classifier_recipe(width=4, standardize_input=True)
+    standardising = classifier_from_recipe(recipe, num_classes=10)
+    variables = standardising.init(jax.random.key(0), images)
+    assert jnp.allclose(
+        standardising.apply(variables, images),
+        standardising.apply(variables, washed_out),
+        atol=1e-4,
+    )
+    plain = make_classifier("cifar_resnet20", num_classes=10, width=4)
+    assert not jnp.allclose(
+        plain.apply(variables, images), plain.apply(variables, washed_out), atol=1e-2
+    )
+
+
+def test_standardising_keeps_a_flat_image_finite_and_adds_no_parameters():
+    flat = jnp.full((2, 4, 4, 3), 0.7)
+    assert jnp.allclose(standardize_per_image(flat), 0.0, atol=1e-5)
+    ramp = jnp.arange(16.0).reshape(1, 4, 4, 1)
+    standardised = standardize_per_image(ramp)
+    assert jnp.allclose(standardised.mean(), 0.0, atol=1e-6)
+    assert jnp.allclose(standardised.std(), 1.0, atol=1e-5)
+    # Recipes recorded before the field existed build the plain module, with the same tree.
+    old_recipe = ml_collections.ConfigDict(common.classifier_recipe(width=4).to_dict())
+    assert "standardize_input" not in old_recipe
+    assert not classifier_from_recipe(old_recipe, 10).standardize_input
+    on = classifier_from_recipe(common.classifier_recipe(width=4, standardize_input=True), 10)
+    shapes = [
+        jax.tree.map(jnp.shape, jax.eval_shape(model.init, jax.random.key(0), flat))
+        for model in (classifier_from_recipe(old_recipe, 10), on)
+    ]
+    assert shapes[0] == shapes[1]

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxclean.diffusion import adapter
-from jaxclean.models import make_classifier
+from jaxclean.models import classifier_from_recipe
 from jaxclean.train import corrupt_image, normalize, sample_keys
 
 CONDITIONS = ("embedding", "label", "embedding+label")
@@ -175,7 +175,7 @@ def build(gen_config, image_shape, num_classes: int) -> LatentDiffusion:
     if gen_config.condition not in CONDITIONS:
         raise ValueError(f"generator.condition {gen_config.condition!r}: use one of {CONDITIONS}")
     encoder_recipe = gen_config.encoder
-    encoder = make_classifier(encoder_recipe.model, num_classes, width=encoder_recipe.width)
+    encoder = classifier_from_recipe(encoder_recipe, num_classes)
     embed_dim = _feature_dim(encoder, image_shape)
     vae_config, unet_config = gen_config.vae, gen_config.unet
     size = gen_config.image_size

@@ -28,3 +28,17 @@ def make_classifier(name: str, num_classes: int, **kwargs):
     if name not in CLASSIFIERS:
         raise ValueError(f"unknown model {name!r}; known: {sorted(CLASSIFIERS)}")
     return CLASSIFIERS[name](num_classes=num_classes, **kwargs)
+
+
+def classifier_from_recipe(recipe, num_classes: int):
+    """The linen module a classifier recipe (`configs.common.classifier_recipe`) names.
+
+    standardize_input is read only when the recipe has it, so that recipes recorded before it
+    existed build the same module.
+    """
+    return make_classifier(
+        recipe.model,
+        num_classes,
+        width=recipe.width,
+        standardize_input=recipe.get("standardize_input", False),
+    )

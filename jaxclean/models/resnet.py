@@ -62,6 +62,19 @@ class BottleneckBlock(nn.Module):
         return nn.relu(residual + y)
 
 
+def standardize_per_image(images):
+    """Each NHWC image's channels moved to zero mean and unit standard deviation.
+
+    The floor on the standard deviation, 1/sqrt(pixels), is tf.image.per_image_standardization's:
+    a flat image comes out flat instead of dividing by zero.
+    """
+    images = images.astype(jnp.float32)
+    mean = jnp.mean(images, axis=(1, 2), keepdims=True)
+    std = jnp.std(images, axis=(1, 2), keepdims=True)
+    pixels = images.shape[1] * images.shape[2]
+    return (images - mean) / jnp.maximum(std, 1.0 / pixels**0.5)
+
+
 # What ResNet.__call__ returns; "both" serves the encoder's invariance objective in one pass.
 _OUTPUTS = ("logits", "features", "both")
 
@@ -75,6 +88,10 @@ class ResNet(nn.Module):
       num_classes: logits out.
       width: filters of the first stage; stage i has width * 2**i.
       stem: "cifar" (one 3x3 conv, full resolution) or "imagenet" (7x7/2 conv and 3x3/2 pool).
+      standardize_input: standardise each image per channel (zero mean, unit standard
+        deviation over its pixels) before the stem, so that the network cannot see an image's
+        contrast or black level. A blend x' = 0.8 x + 0.2 p is mostly such a change; see
+        `standardize_per_image`.
     """
 
     stage_sizes: Sequence[int]
@@ -82,6 +99,7 @@ class ResNet(nn.Module):
     num_classes: int
     width: int = 64
     stem: str = "imagenet"
+    standardize_input: bool = False
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -90,6 +108,8 @@ class ResNet(nn.Module):
         from (the Dense layer does not run); or "both", (logits, features) from one pass."""
         if output not in _OUTPUTS:
             raise ValueError(f"ResNet output must be one of {_OUTPUTS}, got {output!r}")
+        if self.standardize_input:
+            x = standardize_per_image(x)
         x = x.astype(self.dtype)
         if self.stem == "cifar":
             x = nn.Conv(self.width, (3, 3), padding=1, use_bias=False, dtype=self.dtype)(x)
