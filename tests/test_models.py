@@ -2,7 +2,6 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import pytest
 
 from configs import common
@@ -100,7 +99,7 @@ def test_standardising_keeps_a_flat_image_finite_and_adds_no_parameters():
     assert jnp.allclose(standardised.mean(), 0.0, atol=1e-6)
     assert jnp.allclose(standardised.std(), 1.0, atol=1e-5)
     # Recipes recorded before the field existed build the plain module, with the same tree.
-    old_recipe = ml_collections.ConfigDict(common.classifier_recipe(width=4).to_dict())
+    old_recipe = common.classifier_recipe(width=4)
     assert "standardize_input" not in old_recipe
     assert not classifier_from_recipe(old_recipe, 10).standardize_input
     on = classifier_from_recipe(common.classifier_recipe(width=4, standardize_input=True), 10)
