@@ -8,7 +8,7 @@ import pytest
 
 from configs import common
 from jaxclean import detectability, sharding, train
-from jaxclean.models import make_classifier
+from jaxclean.models import classifier_from_recipe
 
 
 def test_split_pairs_is_a_seeded_partition():
@@ -53,7 +53,7 @@ def _trained_detector(triggered, clean, tmp_path):
     )
     mesh = sharding.local_mesh()
     dataset = detectability.pair_dataset(triggered, clean)
-    model = make_classifier(recipe.model, 2, width=recipe.width)
+    model = classifier_from_recipe(recipe, 2)
     tx, _ = train.make_optimizer(recipe, len(dataset) // recipe.batch_size)
     state = train.create_train_state(model, tx, dataset.image_shape, jax.random.key(0), mesh)
     step = train.jit_step(functools.partial(train.train_step, augment=train.Augment()), mesh)
