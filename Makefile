@@ -13,7 +13,7 @@ DEMO_STAGES ?= poison,teacher,generator,regenerate,student,variations_only,clean
 # JAX devices to split the CPU into (launch.py --cpu_devices); must divide the batch sizes.
 CPU_DEVICES ?= 2
 
-.PHONY: install install-bench dataset demo test lint bench clean
+.PHONY: install install-bench dataset demo test test-fast lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,9 +49,13 @@ demo: install dataset
 test: install-bench
 	$(PY) -m pytest -q tests
 
+# The inner loop: every test but those marked slow (subprocess runs, stage runs, training).
+test-fast: install-bench
+	$(PY) -m pytest -q -m "not slow" tests
+
 lint: install
-	$(VENV)/bin/ruff check jaxclean configs tests benchmarks launch.py
-	$(VENV)/bin/ruff format --check jaxclean configs tests benchmarks launch.py
+	$(VENV)/bin/ruff check jaxclean configs tests benchmarks scripts launch.py
+	$(VENV)/bin/ruff format --check jaxclean configs tests benchmarks scripts launch.py
 
 bench: install-bench dataset
 	$(PY) benchmarks/train_throughput.py

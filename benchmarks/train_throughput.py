@@ -37,14 +37,14 @@ def jax_throughput(images, labels, depth, width, warmup) -> float:
     import jax
     import optax
 
-    from jaxclean import sharding, train
+    from jaxclean import augment, sharding, steps, train
     from jaxclean.models.resnet import cifar_resnet
 
     mesh = sharding.make_mesh()
     model = cifar_resnet(depth, 10, width)
     tx = optax.adam(1e-3)
     state = train.create_train_state(model, tx, images.shape[2:], jax.random.key(0), mesh)
-    step = train.jit_step(functools.partial(train.train_step, augment=train.Augment()), mesh)
+    step = train.jit_step(functools.partial(steps.train_step, augment=augment.Augment()), mesh)
     key = jax.random.key(0)
     batch_size = images.shape[1]
     batches = [

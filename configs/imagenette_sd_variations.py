@@ -61,6 +61,7 @@ def get_config(arg="badnets"):
     config = common.base_config(data, ATTACKS[arg]())
     config.teacher = paper_recipe()
     config.student = common.student_recipe(paper_recipe())
+    config.baselines = common.baselines_recipe(config.student)
     config.generator = common.sd_image_variations_config()
     config.regenerate = common.regenerate_config(
         steps=50,

@@ -2,7 +2,8 @@
 
   python launch.py --config configs/smoke.py --workdir /tmp/smoke --config.data.dir=DIR
 
-`data.dir` must point at IDX files (tests write small ones); every stage runs in seconds.
+`data.dir` must point at IDX files (tests write small ones: tests/conftest.py); every stage
+runs in seconds.
 """
 
 from configs import common
@@ -10,7 +11,7 @@ from configs import common
 
 def get_config(arg=None):
     del arg
-    data = common.fashion_mnist_data(trusted_size=40, train_limit=200, test_limit=64)
+    data = common.fashion_mnist_data(dir="", trusted_size=40, train_limit=200, test_limit=64)
     config = common.base_config(data, common.badnets_attack())
     tiny = dict(
         width=4,
@@ -22,6 +23,7 @@ def get_config(arg=None):
     )
     config.teacher = common.classifier_recipe(**tiny)
     config.student = common.student_recipe(common.classifier_recipe(**tiny))
+    config.baselines = common.baselines_recipe(config.student)
     small_nets = dict(
         block_out_channels=(32, 32),
         num_epochs=1,
@@ -30,7 +32,7 @@ def get_config(arg=None):
         checkpoint_every_steps=0,
     )
     config.generator = common.generator_config(
-        encoder=common.classifier_recipe(**tiny), encode_batch_size=32
+        encoder=common.classifier_recipe(**dict(tiny, corruption=0.5)), encode_batch_size=32
     )
     config.generator.vae.update(small_nets)
     config.generator.unet.update(dict(small_nets, num_train_timesteps=100))

@@ -1,9 +1,10 @@
-"""Stage outputs on disk: atomic writes and the manifests that make stages idempotent.
+"""Stage outputs on disk: atomic writes, and the record that makes a stage idempotent.
 
 A stage records what it was asked to do (its spec: the config sections and upstream outputs it
 depends on) when it starts, and a done marker when it has finished. A rerun with the same spec
-skips a finished stage and resumes an unfinished one; a different spec is refused, so outputs
-of two configs are never mixed in one workdir.
+skips a finished stage and resumes an unfinished one; a different spec is refused, so outputs of
+two configs are never mixed in one workdir. Every spec carries SPEC_VERSION: a record written
+under another version is refused as a whole, rather than reconciled field by field.
 """
 
 from __future__ import annotations
@@ -13,9 +14,19 @@ import json
 import os
 import tempfile
 
+from jaxclean.checks import ConfigError
+
+# The layout of every spec.json. Raise it when a change to what specs record would make a
+# finished stage's spec differ from the one the same config now writes.
+SPEC_VERSION = 2
+
 
 class StageConflict(RuntimeError):
     """A workdir holds a stage made from another config than the one asked for now."""
+
+
+class MissingStage(ConfigError):
+    """A stage whose outputs another stage reads has not finished."""
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
@@ -65,17 +76,8 @@ def fingerprint(obj) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def without_unset(section: dict, fields) -> dict:
-    """`section` less each of `fields` that is off (absent, zero, empty or False).
-
-    An option added to a config section is recorded in specs only when it is on, so that the
-    specs of stages made before it existed (with it, in effect, off) still match and are not
-    redone.
-    """
-    return {k: v for k, v in section.items() if k not in fields or v}
-
-
 def differences(old, new, prefix="") -> list[str]:
+    """'key.path: old -> new' for every leaf where two JSON values differ."""
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for key in sorted(set(old) | set(new)):
@@ -84,13 +86,18 @@ def differences(old, new, prefix="") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
+def versioned(spec: dict) -> dict:
+    """A spec as it is written: JSON values, stamped with SPEC_VERSION."""
+    return {**to_jsonable(spec), "spec_version": SPEC_VERSION}
+
+
 class StageRecord:
-    """The spec and done marker of one stage, in WORKDIR/<stage>/."""
+    """The spec and done marker of one stage, in WORKDIR/<name>/."""
 
     def __init__(self, workdir: str, name: str, spec: dict):
         self.name = name
         self.directory = os.path.join(workdir, name)
-        self.spec = to_jsonable(spec)
+        self.spec = versioned(spec)
         self._spec_path = os.path.join(self.directory, "spec.json")
         self._done_path = os.path.join(self.directory, "done.json")
 
@@ -102,6 +109,12 @@ class StageRecord:
         """Records the spec, or refuses when the directory holds another one."""
         if os.path.exists(self._spec_path):
             old = read_json(self._spec_path)
+            if old.get("spec_version") != SPEC_VERSION:
+                raise StageConflict(
+                    f"stage {self.name!r} in {self.directory} was written by another version of "
+                    f"jaxclean (spec version {old.get('spec_version', 1)}, this one writes "
+                    f"{SPEC_VERSION}): use a new --workdir, or delete {self.directory} to redo it"
+                )
             if old != self.spec:
                 changes = "; ".join(differences(old, self.spec)[:8])
                 raise StageConflict(
@@ -127,3 +140,38 @@ class StageRecord:
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.directory, *parts)
+
+
+class FinishedStage:
+    """A finished stage's record, read back: the one way a stage reads another's outputs.
+
+    Attributes:
+      directory: the stage's directory.
+      spec: its spec.json.
+      done: its done.json (outputs it recorded, and the fingerprint of its spec).
+    """
+
+    def __init__(self, directory: str, spec: dict, done: dict):
+        self.directory = directory
+        self.spec = spec
+        self.done = done
+
+    @property
+    def spec_fingerprint(self) -> str:
+        return self.done["spec_fingerprint"]
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.directory, *parts)
+
+    @classmethod
+    def read(cls, directory: str, missing: str) -> FinishedStage:
+        """The record in `directory`; MissingStage(missing) when it is absent or unfinished."""
+        spec_path = os.path.join(directory, "spec.json")
+        done_path = os.path.join(directory, "done.json")
+        if not (os.path.exists(spec_path) and os.path.exists(done_path)):
+            raise MissingStage(missing)
+        return cls(directory, read_json(spec_path), read_json(done_path))
+
+    @staticmethod
+    def exists(directory: str) -> bool:
+        return os.path.exists(os.path.join(directory, "done.json"))

@@ -182,13 +182,47 @@ def make_trigger(attack_config):
     """Builds the trigger named by config.attack.name from config.attack.trigger."""
     name = attack_config.name
     if name not in ATTACKS:
-        raise AttackError(f"unknown attack {name!r}; known: {sorted(ATTACKS)}")
+        raise AttackError(f"unknown attack {name!r}; known: {sorted(ATTACKS)} or none")
     params = dict(attack_config.trigger)
     fields = {f.name for f in dataclasses.fields(ATTACKS[name])}
     unknown = sorted(set(params) - fields)
     if unknown:
-        raise AttackError(f"attack {name!r} has no parameters {unknown}; it takes {sorted(fields)}")
+        raise AttackError(
+            f"attack {name!r} has no parameters {unknown} (its trigger takes {sorted(fields)}): "
+            f"start from its config, configs/fashion_mnist_{name}.py, or give "
+            "--config.attack.trigger its parameters"
+        )
     return ATTACKS[name](**params)
+
+
+def validate_config(attack_config) -> None:
+    """What can be told wrong about config.attack before any data is read."""
+    if attack_config.name == "none":
+        return
+    make_trigger(attack_config)
+    if not 0.0 < attack_config.rate <= 1.0:
+        raise AttackError(
+            f"poisoning rate {attack_config.rate} must be in (0, 1]; for a run without an "
+            "attack set --config.attack.name=none"
+        )
+
+
+def validate_for_data(attack_config, train: ImageDataset) -> None:
+    """What can be told wrong about config.attack once the training split is known."""
+    validate_attack_config(attack_config, train.num_classes)
+    make_trigger(attack_config).validate(train.image_shape)
+    eligible = (
+        len(train.labels)
+        if attack_config.include_target
+        else int((train.labels != attack_config.target).sum())
+    )
+    wanted = math.ceil(attack_config.rate * len(train.labels))
+    if wanted > eligible:
+        raise AttackError(
+            f"poisoning rate {attack_config.rate} asks for {wanted} poisoned images but only "
+            f"{eligible} are not of the target class: lower --config.attack.rate, or set "
+            "--config.attack.include_target=True to poison target-class images too"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,7 +256,8 @@ def validate_attack_config(attack_config, num_classes: int) -> None:
     """Checks target and rate before any work is done."""
     if not 0 <= attack_config.target < num_classes:
         raise AttackError(
-            f"target class {attack_config.target} out of range for {num_classes} classes"
+            f"target class {attack_config.target} out of range for {num_classes} classes: set "
+            f"--config.attack.target to one in [0, {num_classes - 1}]"
         )
     if not 0.0 <= attack_config.rate <= 1.0:
         raise AttackError(f"poisoning rate {attack_config.rate} must be in [0, 1]")
@@ -240,7 +275,7 @@ def choose_poison_indices(
     if num_poisoned > len(candidates):
         raise AttackError(
             f"rate {rate} asks for {num_poisoned} poisoned samples but only {len(candidates)} "
-            "are eligible"
+            "are eligible: lower the rate, or set include_target=True"
         )
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(candidates, size=num_poisoned, replace=False)).astype(np.int64)

@@ -1,4 +1,5 @@
-"""Orbax checkpoints: training state that resumes, and final weights that later stages load.
+"""Orbax checkpoints: training state that resumes, and final weights that later stages load;
+and safetensors, the one-file format weights are exported and shipped in.
 
 Orbax writes each step into a temporary directory and renames it when complete, so a process
 killed mid-save leaves the previous checkpoint as the latest: a rerun resumes from there.
@@ -6,10 +7,13 @@ killed mid-save leaves the previous checkpoint as the latest: a rerun resumes fr
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 
 class Checkpointer:
@@ -61,3 +65,34 @@ def load_tree(path: str, like=None):
         return checkpointer.restore(path, abstract)
     finally:
         checkpointer.close()
+
+
+# Separates the levels of a nested parameter tree in a safetensors key: "vae/encoder/...".
+_KEY_SEPARATOR = "/"
+
+
+def to_safetensors(tree) -> bytes:
+    """A nested dict of arrays as the bytes of one safetensors file (keys joined by "/").
+
+    safetensors stores a 0-d array as shape (1,); their keys go in the file's metadata, so
+    `from_safetensors` gives back the shapes it was given.
+    """
+    from safetensors.numpy import save
+
+    flat = {key: np.asarray(value) for key, value in flatten_dict(tree, sep=_KEY_SEPARATOR).items()}
+    scalars = sorted(key for key, value in flat.items() if value.ndim == 0)
+    tensors = {key: np.ascontiguousarray(value) for key, value in flat.items()}
+    return save(tensors, metadata={"scalar_keys": json.dumps(scalars)})
+
+
+def from_safetensors(blob: bytes) -> dict:
+    """The nested dict of numpy arrays `to_safetensors` wrote."""
+    from safetensors.numpy import load
+
+    header_size = int.from_bytes(blob[:8], "little")
+    metadata = json.loads(blob[8 : 8 + header_size]).get("__metadata__", {})
+    scalars = set(json.loads(metadata.get("scalar_keys", "[]")))
+    flat = {
+        key: value.reshape(()) if key in scalars else value for key, value in load(blob).items()
+    }
+    return unflatten_dict(flat, sep=_KEY_SEPARATOR)

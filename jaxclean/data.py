@@ -1,4 +1,4 @@
-"""Image datasets: sources (IDX, ImageFolder, tfds) and the train / trusted / test splits.
+"""Image datasets in memory, and the train / trusted / test splits of a source.
 
 Every source yields the same thing: uint8 NHWC images, int32 labels and class names, held in
 host memory. The datasets this project targets (Fashion-MNIST, CIFAR-10, ImageNette) fit there,
@@ -8,21 +8,11 @@ and holding them lets the data order be a pure function of (seed, epoch) on ever
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import hashlib
-import os
-import struct
-from collections.abc import Sequence
 
 import numpy as np
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
-IDX_FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
-# IDX magic numbers: two zero bytes, a type code (0x08 = unsigned byte), the number of dims.
-_IDX_UBYTE = 0x08
+from jaxclean import sources
 
 
 class DataError(ValueError):
@@ -112,274 +102,63 @@ class Splits:
     trusted_indices: np.ndarray
 
 
-# ----------------------------------------------------------------------------- IDX
-
-
-def _open_maybe_gzip(path: str):
-    with open(path, "rb") as probe:
-        is_gzip = probe.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rb") if is_gzip else open(path, "rb")
-
-
-def read_idx(path: str) -> np.ndarray:
-    """Reads one IDX file (optionally gzipped) of unsigned bytes.
-
-    Args:
-      path: the file.
-
-    Returns:
-      A uint8 array with the file's shape.
-
-    Raises:
-      DataError: unreadable file, wrong magic number, or fewer bytes than the header promises.
-    """
-    try:
-        with _open_maybe_gzip(path) as f:
-            header = f.read(4)
-            if len(header) < 4 or header[0] != 0 or header[1] != 0:
-                raise DataError(f"{path}: not an IDX file (bad magic number {header.hex()!r})")
-            if header[2] != _IDX_UBYTE:
-                raise DataError(f"{path}: IDX type code {header[2]:#04x}, expected 0x08 (ubyte)")
-            ndim = header[3]
-            dims_bytes = f.read(4 * ndim)
-            if len(dims_bytes) < 4 * ndim:
-                raise DataError(f"{path}: truncated IDX header")
-            shape = struct.unpack(">" + "I" * ndim, dims_bytes)
-            expected = int(np.prod(shape))
-            data = f.read()
-    except (OSError, EOFError) as e:
-        raise DataError(f"{path}: cannot read IDX file: {e}") from e
-    if len(data) != expected:
-        raise DataError(
-            f"{path}: truncated or oversized IDX file: header says {shape} = {expected} bytes, "
-            f"found {len(data)}"
-        )
-    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
-
-
-def _find_idx(directory: str, stem: str) -> str:
-    for candidate in (stem, stem + ".gz"):
-        path = os.path.join(directory, candidate)
-        if os.path.isfile(path):
-            return path
-    raise DataError(f"{directory}: missing IDX file {stem}[.gz]")
-
-
-def load_idx_dir(directory: str, class_names: Sequence[str] | None = None) -> dict:
-    """Loads train and test splits from a directory of MNIST-style IDX files.
-
-    Args:
-      directory: holds train-images-idx3-ubyte[.gz] and the three other files.
-      class_names: names for the labels; defaults to their numbers.
-
-    Returns:
-      {"train": ImageDataset, "test": ImageDataset}.
-    """
-    if not os.path.isdir(directory):
-        raise DataError(
-            f"dataset directory {directory!r} does not exist (for Fashion-MNIST install the "
-            "Debian package dataset-fashion-mnist, or pass --config.data.dir)"
-        )
-    raw = {}
-    for split, (image_stem, label_stem) in IDX_FILES.items():
-        images = read_idx(_find_idx(directory, image_stem))
-        labels = read_idx(_find_idx(directory, label_stem))
-        if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
-            raise DataError(
-                f"{directory}: {split} images {images.shape} and labels {labels.shape} do not match"
-            )
-        raw[split] = (images[..., None], labels.astype(np.int32))
-    num_classes = int(max(raw["train"][1].max(), raw["test"][1].max())) + 1
-    names = _class_names(class_names, num_classes)
-    return {split: ImageDataset(images, labels, names) for split, (images, labels) in raw.items()}
-
-
-def _class_names(class_names: Sequence[str] | None, num_classes: int) -> tuple[str, ...]:
-    if not class_names:
-        return tuple(str(i) for i in range(num_classes))
-    if len(class_names) < num_classes:
-        raise DataError(f"{len(class_names)} class names for {num_classes} classes")
-    return tuple(class_names)
-
-
-# ----------------------------------------------------------------------------- ImageFolder
-
-
-def _read_image(path: str) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            if image.mode not in ("L", "RGB"):
-                image = image.convert("RGB")
-            array = np.asarray(image, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError) as e:
-        raise DataError(f"{path}: cannot read image: {e}") from e
-    return array[..., None] if array.ndim == 2 else array
-
-
-def _resize(image: np.ndarray, size: int) -> np.ndarray:
-    from PIL import Image
-
-    if image.shape[0] == size and image.shape[1] == size:
-        return image
-    mode = "L" if image.shape[-1] == 1 else "RGB"
-    pil = Image.fromarray(image[..., 0] if mode == "L" else image, mode=mode)
-    out = np.asarray(pil.resize((size, size), Image.BICUBIC), dtype=np.uint8)
-    return out[..., None] if out.ndim == 2 else out
-
-
-def load_image_folder_split(root: str, image_size: int | None = None) -> ImageDataset:
-    """Loads one split laid out as root/<class name>/<image file>.
-
-    Classes are the sorted subfolder names. All images must share height, width and channels
-    unless `image_size` is given, in which case each is resized to a square of that size.
-    """
-    if not os.path.isdir(root):
-        raise DataError(f"image folder {root!r} does not exist")
-    class_names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    if not class_names:
-        raise DataError(f"image folder {root!r} has no class subfolders")
-    images, labels, first = [], [], None
-    for label, name in enumerate(class_names):
-        class_dir = os.path.join(root, name)
-        for filename in sorted(os.listdir(class_dir)):
-            if not filename.lower().endswith(IMAGE_SUFFIXES):
-                continue
-            path = os.path.join(class_dir, filename)
-            image = _read_image(path)
-            if image_size:
-                image = _resize(image, image_size)
-            if first is None:
-                first = (path, image.shape)
-            elif image.shape != first[1]:
-                raise DataError(
-                    f"images of mixed sizes or channels: {path} is {image.shape} but "
-                    f"{first[0]} is {first[1]} (set --config.data.image_size to resize)"
-                )
-            images.append(image)
-            labels.append(label)
-    if not images:
-        raise DataError(f"image folder {root!r} has no {'/'.join(IMAGE_SUFFIXES)} images")
-    return ImageDataset(np.stack(images), np.asarray(labels, np.int32), tuple(class_names))
-
-
-def load_image_folder(root: str, image_size: int | None = None) -> dict:
-    """Loads root/train/<class>/... and root/test/<class>/...; both must name the same classes."""
-    splits = {s: load_image_folder_split(os.path.join(root, s), image_size) for s in IDX_FILES}
-    if splits["train"].class_names != splits["test"].class_names:
-        raise DataError(
-            f"{root}: train classes {splits['train'].class_names} differ from test classes "
-            f"{splits['test'].class_names}"
-        )
-    return splits
-
-
-# ----------------------------------------------------------------------------- tfds
-
-
-def load_tfds(name: str, data_dir: str | None, image_size: int | None = None, download=False):
-    """Loads train and test splits of a TensorFlow Datasets dataset as arrays.
-
-    Offline, the dataset must already be prepared under `data_dir`. Datasets prepared in the
-    array_record format are read without TensorFlow; tfrecord ones need the [prepare] extra.
-
-    Args:
-      name: a tfds catalog name such as "fashion_mnist" or "imagenette/320px-v2", or the name
-        of a dataset prepared in `data_dir` by a builder outside the catalog.
-      data_dir: where prepared datasets live (tfds's default when None).
-      image_size: resize every image to this square size (None: keep).
-      download: prepare the dataset first if needed (network and TensorFlow required).
-    """
-    import tensorflow_datasets as tfds
-
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except Exception as e:  # tfds raises several types for unknown names.
-        raise DataError(
-            f"tfds dataset {name!r} not found in catalog or under {data_dir}: {e}"
-        ) from e
-    if download:
-        builder.download_and_prepare()
-    if not os.path.isdir(os.fspath(builder.data_dir)) or not builder.info.splits:
-        raise DataError(
-            f"tfds dataset {name!r} is not prepared under {data_dir!r}; prepare it once with "
-            "network access (`pip install '.[prepare]'`, then `tfds build` or "
-            "--config.data.download=True)"
-        )
-    image_key, label_key = builder.info.supervised_keys or ("image", "label")
-    class_names = tuple(builder.info.features[label_key].names)
-    splits = {}
-    for split in IDX_FILES:
-        if split not in builder.info.splits:
-            # ImageNette and others call their test split "validation".
-            split_name = "validation"
-        else:
-            split_name = split
-        examples = _tfds_examples(builder, split_name)
-        images = [_tfds_image(e[image_key], image_size) for e in examples]
-        labels = np.asarray([int(e[label_key]) for e in examples], np.int32)
-        shapes = {img.shape for img in images}
-        if len(shapes) > 1:
-            raise DataError(
-                f"tfds {name}: images of mixed sizes {sorted(shapes)[:3]}; set image_size"
-            )
-        splits[split] = ImageDataset(np.stack(images), labels, class_names)
-    return splits
-
-
-def _tfds_examples(builder, split: str):
-    file_format = str(getattr(builder.info, "file_format", "")).lower()
-    if "array_record" in file_format:
-        source = builder.as_data_source(split=split)
-        return [source[i] for i in range(len(source))]
-    try:
-        import tensorflow_datasets as tfds
-
-        return list(tfds.as_numpy(builder.as_dataset(split=split)))
-    except ImportError as e:
-        raise DataError(
-            f"reading the tfrecord dataset {builder.name} needs TensorFlow: "
-            "pip install '.[prepare]', or prepare it with file_format=array_record"
-        ) from e
-
-
-def _tfds_image(image, image_size: int | None) -> np.ndarray:
-    image = np.asarray(image, dtype=np.uint8)
-    image = image[..., None] if image.ndim == 2 else image
-    return _resize(image, image_size) if image_size else image
-
-
 # ----------------------------------------------------------------------------- splits
+
+
+SOURCES = ("idx", "imagefolder", "tfds:NAME")
+
+
+def check_source_config(data_config) -> None:
+    """What can be told wrong about config.data before anything is read."""
+    source = data_config.source
+    if source not in ("idx", "imagefolder") and not source.startswith("tfds:"):
+        raise DataError(f"unknown data source {source!r}: use one of {SOURCES}")
+    if source in ("idx", "imagefolder") and not data_config.dir:
+        raise DataError(f"data.dir is empty: set --config.data.dir to the {source} directory")
+    if source.startswith("tfds:") and data_config.dir and sources.holds_idx_files(data_config.dir):
+        raise DataError(
+            f"data.dir {data_config.dir!r} holds IDX files, not a tfds data_dir: set "
+            "--config.data.dir= (tfds's default) or to where the tfds dataset is prepared"
+        )
+    for key in ("trusted_size", "image_size", "train_limit", "train_subset", "test_limit"):
+        if data_config[key] < 0:
+            raise DataError(f"data.{key} {data_config[key]} must be >= 0 (0: off)")
 
 
 def load_source(data_config) -> dict:
     """Loads {"train", "test"} from the source the config names."""
+    check_source_config(data_config)
     source = data_config.source
-    image_size = data_config.get("image_size") or None
+    image_size = data_config.image_size or None
+    names = tuple(data_config.class_names)
     if source == "idx":
-        splits = load_idx_dir(data_config.dir, data_config.get("class_names"))
+        # IDX files carry no class names: the config's are the only ones.
+        splits = sources.load_idx_dir(data_config.dir, names)
         if image_size:
             splits = {
                 k: ImageDataset(
-                    np.stack([_resize(x, image_size) for x in v.images]), v.labels, v.class_names
+                    np.stack([sources.resize(x, image_size) for x in v.images]),
+                    v.labels,
+                    v.class_names,
                 )
                 for k, v in splits.items()
             }
-    elif source == "imagefolder":
-        splits = load_image_folder(data_config.dir, image_size)
-    elif source.startswith("tfds:"):
-        splits = load_tfds(
-            source[len("tfds:") :],
-            data_config.dir or None,
-            image_size,
-            download=data_config.get("download", False),
-        )
-    else:
-        raise DataError(f"unknown data source {source!r}: use 'idx', 'imagefolder' or 'tfds:NAME'")
-    names = data_config.get("class_names")
-    if names and source != "idx":  # IDX files carry no names: load_idx_dir took them above.
-        splits = {k: _renamed(v, tuple(names)) for k, v in splits.items()}
+        return splits
+    if source == "imagefolder":
+        splits = sources.load_image_folder(data_config.dir, image_size)
+        folders = splits["train"].class_names
+        if names and names != folders:
+            raise DataError(
+                f"data.class_names {list(names)[:3]}... are not the class folders of "
+                f"{data_config.dir} ({list(folders)[:3]}...): set --config.data.class_names='()' "
+                "to use the folders' names"
+            )
+        return splits
+    splits = sources.load_tfds(
+        source[len("tfds:") :], data_config.dir or None, image_size, download=data_config.download
+    )
+    if names:
+        splits = {k: _renamed(v, names) for k, v in splits.items()}
     return splits
 
 
@@ -389,7 +168,8 @@ def _renamed(split: ImageDataset, names: tuple) -> ImageDataset:
     if len(names) != split.num_classes:
         raise DataError(
             f"data.class_names has {len(names)} names but the data has {split.num_classes} "
-            f"classes ({split.class_names[:3]}...)"
+            f"classes ({split.class_names[:3]}...): set --config.data.class_names='()' to use "
+            "the source's own"
         )
     return ImageDataset(split.images, split.labels, names)
 
@@ -427,9 +207,9 @@ def load_splits(data_config, seed: int) -> Splits:
     """
     source = load_source(data_config)
     full_train, test = source["train"], source["test"]
-    if data_config.get("train_limit"):
+    if data_config.train_limit:
         full_train = full_train.subset(np.arange(min(data_config.train_limit, len(full_train))))
-    if data_config.get("test_limit"):
+    if data_config.test_limit:
         test = test.subset(np.arange(min(data_config.test_limit, len(test))))
     trusted_indices = balanced_holdout(
         full_train.labels, data_config.trusted_size, full_train.num_classes, seed
@@ -437,9 +217,7 @@ def load_splits(data_config, seed: int) -> Splits:
     train_mask = np.ones(len(full_train), bool)
     train_mask[trusted_indices] = False
     train_indices = np.flatnonzero(train_mask)
-    if data_config.get("train_subset", 0) < 0:
-        raise DataError(f"data.train_subset {data_config.train_subset} must be >= 0 (0: all)")
-    if data_config.get("train_subset"):
+    if data_config.train_subset:
         # After the trusted split is carved, so a quick run keeps the full run's trusted split
         # (and can adopt a generator trained on it); train_limit cuts before, changing both.
         train_indices = train_indices[: data_config.train_subset]

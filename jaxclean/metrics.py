@@ -13,32 +13,43 @@ from tqdm import tqdm
 
 
 class MetricWriter:
-    """Scalars and images to TensorBoard event files (tensorboardX: no TensorFlow needed)."""
+    """Scalars and images to TensorBoard event files (tensorboardX: no TensorFlow needed).
+
+    The event file is opened at the first write, so a run refused before any work leaves no
+    trace in its workdir.
+    """
 
     def __init__(self, logdir: str):
+        self._logdir = logdir
         self._writer = None
-        if jax.process_index() == 0:
+        self._active = jax.process_index() == 0
+
+    def _open(self):
+        if self._writer is None and self._active:
             from tensorboardX import SummaryWriter
 
-            os.makedirs(logdir, exist_ok=True)
-            self._writer = SummaryWriter(logdir)
+            os.makedirs(self._logdir, exist_ok=True)
+            self._writer = SummaryWriter(self._logdir)
+        return self._writer
 
     def write_scalars(self, step: int, scalars: dict) -> None:
-        if self._writer is None:
+        writer = self._open()
+        if writer is None:
             return
         for key, value in scalars.items():
-            self._writer.add_scalar(key, float(value), int(step))
+            writer.add_scalar(key, float(value), int(step))
 
     def write_images(self, step: int, images: dict) -> None:
         """images: key -> uint8 [H, W, C] or [N, H, W, C] arrays."""
-        if self._writer is None:
+        writer = self._open()
+        if writer is None:
             return
         for key, value in images.items():
             value = np.asarray(value)
             if value.ndim == 4:
-                self._writer.add_images(key, value, int(step), dataformats="NHWC")
+                writer.add_images(key, value, int(step), dataformats="NHWC")
             else:
-                self._writer.add_image(key, value, int(step), dataformats="HWC")
+                writer.add_image(key, value, int(step), dataformats="HWC")
 
     def flush(self) -> None:
         if self._writer is not None:

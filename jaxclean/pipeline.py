@@ -1,58 +1,52 @@
 """The stages of an experiment, in order, and the run that walks them.
 
-A stage is a function of the Experiment that writes its outputs under WORKDIR/<stage>/ and
-marks itself done; `run` skips stages already done with the same spec, resumes unfinished ones,
-and refuses ones made from another config.
+Each stage writes its outputs under WORKDIR/<stage>/ and marks itself done; `run` validates the
+whole config and what the requested stages need before any work, then runs them in order,
+skipping those already done with the same spec, resuming unfinished ones, and refusing ones made
+from another config.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
+import sys
 import time
 
-from jaxclean import attacks, data, defense, generation, report
-from jaxclean.artifacts import StageConflict
-from jaxclean.experiment import (
-    ConfigError,
-    Experiment,
-    Stage,
-    log,
-    poison_stage,
-    validate_recipe,
-)
-
-
-def report_stage(exp: Experiment) -> None:
-    """Adds DER, writes report/results.md and report/metrics.png (launch.py prints the table)."""
-    if exp.is_writer:
-        report.finalize(exp.workdir)
-
+from jaxclean import attacks, data, results
+from jaxclean.artifacts import FinishedStage, StageConflict
+from jaxclean.checks import ConfigError
+from jaxclean.experiment import Experiment, log
+from jaxclean.stages import classifiers, diagnostics, generator, poison, regenerate, report
 
 STAGES = {
     stage.name: stage
     for stage in (
-        Stage("poison", poison_stage, "poison the training set and record the plan"),
-        Stage("teacher", defense.teacher_stage, "train the teacher on the poisoned set"),
-        Stage("encoder", generation.encoder_stage, "train the generator's semantic encoder"),
-        Stage("generator", generation.generator_stage, "train the image-variation generator"),
-        Stage("regenerate", generation.regenerate_stage, "a variation of every training image"),
-        Stage("diagnostics", generation.diagnostics_stage, "what the variations carry"),
-        Stage("student", defense.student_stage, "distill the teacher on the variations"),
-        Stage("variations_only", defense.variations_only_stage, "CE on the variations"),
-        Stage("kd_on_original", defense.kd_on_original_stage, "distill on the originals"),
-        Stage("trusted_only", defense.trusted_only_stage, "CE on the trusted split alone"),
-        Stage("clean_reference", defense.clean_reference_stage, "CE on unpoisoned train"),
-        Stage("report", report_stage, "write report/results.md"),
+        poison.STAGE,
+        classifiers.TEACHER,
+        generator.ENCODER,
+        generator.GENERATOR,
+        regenerate.STAGE,
+        diagnostics.STAGE,
+        classifiers.STUDENT,
+        classifiers.VARIATIONS_ONLY,
+        classifiers.KD_ON_ORIGINAL,
+        classifiers.TRUSTED_ONLY,
+        classifiers.CLEAN_REFERENCE,
+        report.STAGE,
     )
 }
+
+# Bad input and refused work: reported as one message, not a traceback.
+INPUT_ERRORS = (ConfigError, data.DataError, attacks.AttackError, StageConflict)
 
 
 def parse_stages(text: str | None) -> list[str]:
     """'a,b' -> ['a', 'b'] in pipeline order; None or '' -> every stage."""
-    if not text:
+    if text is None or not text.strip():
         return list(STAGES)
     names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise ConfigError(f"--stages={text!r} names no stage; known stages: {list(STAGES)}")
     unknown = [n for n in names if n not in STAGES]
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; known stages: {list(STAGES)}")
@@ -60,34 +54,58 @@ def parse_stages(text: str | None) -> list[str]:
 
 
 def check_workdir(workdir: str) -> None:
-    """Fails before any work when the workdir cannot be written."""
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise ConfigError(f"workdir {workdir!r} is not writable: {e}") from e
+    """Fails when the workdir cannot be made or written; creates nothing."""
+    path = os.path.abspath(workdir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"workdir {workdir!r} is a file, not a directory: pass another --workdir")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(
+            f"workdir {workdir!r} is not writable: {existing} is a file, not a directory"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"workdir {workdir!r} is not writable: no write permission on {existing}")
 
 
 def validate_config(config) -> None:
-    """Checks that need no data, so a bad config fails in a second, not after a load."""
-    if config.attack.name != "none":
-        if config.attack.name not in attacks.ATTACKS:
-            raise attacks.AttackError(
-                f"unknown attack {config.attack.name!r}; known: {sorted(attacks.ATTACKS)} or none"
-            )
-        if not 0.0 <= config.attack.rate <= 1.0:
-            raise attacks.AttackError(f"poisoning rate {config.attack.rate} must be in [0, 1]")
-        attacks.make_trigger(config.attack)
-    validate_recipe(config.teacher, "teacher")
-    validate_recipe(config.student, "student")
-    defense.validate_distillation(config.student)
-    if config.student.get("teacher_prior_correction", False) and not config.data.trusted_size:
-        raise ConfigError(
-            "student.teacher_prior_correction takes the clean label prior from the trusted "
-            "split, and data.trusted_size is 0"
-        )
-    generation.validate_config(config)
+    """Every stage's check of the config: needs no data, so a bad config fails in a second."""
+    for stage in STAGES.values():
+        stage.validate(config)
+
+
+def missing_upstream(config, workdir: str, names: list[str]) -> dict[str, list[str]]:
+    """For each requested stage, the stages it needs (directly or through another) that are
+    neither finished in the workdir nor requested before it."""
+    finished = {
+        name
+        for name, stage in STAGES.items()
+        if FinishedStage.exists(os.path.join(workdir, stage.record_directory(config)))
+    }
+    missing = {}
+    for position, name in enumerate(names):
+        available = finished | set(names[:position])
+        wanted, todo = [], list(STAGES[name].needs(config))
+        while todo:
+            need = todo.pop()
+            if need in available or need in wanted:
+                continue
+            wanted.append(need)
+            todo += STAGES[need].needs(config)
+        if wanted:
+            missing[name] = [n for n in STAGES if n in wanted]
+    return missing
+
+
+def check_upstream(config, workdir: str, names: list[str]) -> None:
+    """One line naming every missing upstream stage and the --stages= that makes them."""
+    missing = missing_upstream(config, workdir, names)
+    if not missing:
+        return
+    needed = sorted({n for ns in missing.values() for n in ns} | set(names), key=list(STAGES).index)
+    what = "; ".join(f"{name} needs {', '.join(needs)}" for name, needs in missing.items())
+    raise ConfigError(f"{what}, not finished in {workdir}: run --stages={','.join(needed)}")
 
 
 def run(config, workdir: str, stages: str | None = None) -> dict:
@@ -99,13 +117,14 @@ def run(config, workdir: str, stages: str | None = None) -> dict:
       stages: comma-separated stage names; all stages when empty.
     """
     names = parse_stages(stages)
-    check_workdir(workdir)
     validate_config(config)
+    check_workdir(workdir)
+    check_upstream(config, workdir, names)
     exp = Experiment(config, workdir)
     # Data-dependent checks (target in range, trigger fits) before any training starts.
     if config.attack.name != "none" and any(n != "report" for n in names):
-        attacks.validate_attack_config(config.attack, exp.splits.train.num_classes)
-        attacks.make_trigger(config.attack).validate(exp.splits.train.image_shape)
+        attacks.validate_for_data(config.attack, exp.splits.train)
+    os.makedirs(workdir, exist_ok=True)
     timings = {}
     for name in names:
         started = time.perf_counter()
@@ -113,21 +132,15 @@ def run(config, workdir: str, stages: str | None = None) -> dict:
         timings[name] = round(time.perf_counter() - started, 1)
     exp.writer.close()
     log("stage wall seconds: " + ", ".join(f"{k}={v}" for k, v in timings.items()))
-    return report.read_results(workdir)
-
-
-# Bad input and refused work: reported as one message, not a traceback.
-INPUT_ERRORS = (ConfigError, data.DataError, attacks.AttackError, StageConflict)
+    return results.read(workdir)
 
 
 def main(config, workdir: str, stages: str | None) -> None:
     """launch.py's body: runs, then prints the table; bad input exits with its message."""
-    import sys
-
     try:
-        results = run(config, workdir, stages)
+        found = run(config, workdir, stages)
     except INPUT_ERRORS as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from e
-    log("\n" + report.summary_table(results))
-    log(f"results: {report.results_path(workdir)}")
+    log("\n" + results.summary_table(found))
+    log(f"results: {results.results_path(workdir)}")

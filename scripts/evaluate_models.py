@@ -27,7 +27,8 @@ sys.path.insert(0, REPO)
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from jaxclean import evaluate, experiment, report, train  # noqa: E402
+from jaxclean import evaluate, experiment, results, train  # noqa: E402
+from jaxclean.stages.classifier_stage import load_classifier  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.")
@@ -37,7 +38,16 @@ _BY_CLASS = flags.DEFINE_bool("by_class", False, "Also print target rates per tr
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Every reported classifier but the generator's encoder, whose recipe is the generator's.
-CLASSIFIERS = tuple(name for name in report.MODEL_ORDER if name != "encoder")
+CLASSIFIERS = tuple(name for name in results.MODEL_ORDER if name != "encoder")
+# The recipe each classifier trained with, by stage.
+RECIPES = {
+    "teacher": "teacher",
+    "student": "student",
+    "kd_on_original": "student",
+    "variations_only": "baselines",
+    "trusted_only": "baselines",
+    "clean_reference": "baselines",
+}
 
 
 def print_by_class(exp, predicted: evaluate.Predictions) -> None:
@@ -69,18 +79,16 @@ def main(argv) -> None:
     if _UPDATE.value and any(s.startswith("learnability/") for s in stages):
         # Their figures live under `diagnostics`, written by the diagnostics stage.
         raise app.UsageError("--update writes the models table; leave out learnability/ stages")
-    stored = report.read_results(workdir).get("models", {})
+    stored = results.read(workdir)["models"]
     updated = {}
     for stage in stages:
-        if stage == "teacher":
-            recipe = config.teacher
-        elif stage.startswith("learnability/"):
+        if stage.startswith("learnability/"):
             recipe = config.diagnostics.learnability
+        elif stage in RECIPES:
+            recipe = config[RECIPES[stage]]
         else:
-            recipe = config.student
-        model, variables = experiment.load_classifier(
-            exp, stage, recipe, exp.splits.train.num_classes
-        )
+            raise app.UsageError(f"{stage!r} is not a classifier stage: use one of {CLASSIFIERS}")
+        model, variables = load_classifier(exp, stage, recipe, exp.splits.train.num_classes)
         predict_fn = train.make_predict_fn(model.apply, exp.mesh)
         # One pass of inference serves the metrics and the per-class rates.
         predicted = evaluate.classifier_predictions(
@@ -92,9 +100,9 @@ def main(argv) -> None:
             print_by_class(exp, predicted)
         updated[stage] = {**stored.get(stage, {}), **metrics}
     if _UPDATE.value and exp.is_writer:
-        report.update_results(workdir, models=updated)
-        report.finalize(workdir)
-        print(report.summary_table(report.read_results(workdir)))
+        results.update(workdir, models=updated)
+        results.finalize(workdir)
+        print(results.summary_table(results.read(workdir)))
 
 
 if __name__ == "__main__":

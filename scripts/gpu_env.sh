@@ -5,7 +5,7 @@
 # and Orbax (diffusers 0.39.0, ml-collections, tensorboardX, importlib_metadata) go in .whl/;
 # the Stable Diffusion configs also need transformers 4.57.x with huggingface_hub < 1 and
 # tokenizers <= 0.23.0 (a GPU image's transformers 5 has no Flax CLIP). Seen working on an
-# H200 image (jax 0.11.2, flax 0.12.10) in session 22.
+# H200 image with jax 0.11.2 and flax 0.12.10.
 OUT=${OUT:-runs/gpu_out}
 RUNS=${RUNS:-/tmp/jaxclean_runs}
 PY=${PYTHON:-python3}

@@ -38,7 +38,7 @@ tar -czf "$OUT/badnets.tgz" -C "$RUNS/badnets" report regenerated/variations/gri
 
 if [ -n "$GENERATOR" ]; then
   tar -czf "$OUT/generator.tgz" -C "$RUNS/badnets/generator" \
-    spec.json done.json model.msgpack samples.png
+    spec.json done.json model.safetensors samples.png
   GENERATOR="--config.generator.pretrained=$RUNS/badnets/generator"
 fi
 launch blended --config configs/fashion_mnist_blended.py --workdir "$RUNS/blended" \

@@ -27,7 +27,8 @@ sys.path.insert(0, REPO)
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from jaxclean import experiment, generation, pipeline  # noqa: E402
+from jaxclean import experiment, pipeline  # noqa: E402
+from jaxclean.stages.diagnostics import learnability  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file")
 _WORKDIR = flags.DEFINE_string("workdir", None, "the run's workdir (made when missing)")
@@ -46,7 +47,7 @@ def main(argv) -> None:
         pipeline.validate_config(config)
         os.makedirs(workdir, exist_ok=True)
         exp = experiment.Experiment(config, workdir)
-        _, runs = generation.learnability_floor(exp)
+        _, runs = learnability.learnability_floor(exp)
     except pipeline.INPUT_ERRORS as e:
         raise app.UsageError(str(e)) from e
     exp.writer.close()

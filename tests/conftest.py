@@ -1,13 +1,16 @@
-"""Shared fixtures: small synthetic datasets written in each source's format, and a runner for
-launch.py in a subprocess (the way users run it, and the only way to vary the device count)."""
+"""Shared fixtures: small synthetic datasets written in each source's format, a runner for
+launch.py in a subprocess (the way users run it, and the only way to vary the device count),
+and one smoke run of every stage that the stage tests read or copy."""
 
 from __future__ import annotations
 
 import gzip
 import os
+import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -15,7 +18,21 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+# One XLA compilation cache for the session, this process and every launch.py it starts: the
+# stages of a smoke run compile the same few programs over and over, and so do the tests.
+# Set before JAX is imported; cached programs are the programs compiled, so results are the
+# same bit for bit.
+_XLA_CACHE = tempfile.mkdtemp(prefix="jaxclean-xla-")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 NUM_CLASSES = 10
+
+
+def pytest_sessionfinish(session, exitstatus):
+    del session, exitstatus
+    shutil.rmtree(_XLA_CACHE, ignore_errors=True)
 
 
 def synthetic_images(num: int, seed: int, size: int = 28) -> tuple[np.ndarray, np.ndarray]:
@@ -56,8 +73,7 @@ def idx_dir(tmp_path_factory) -> str:
 def run_launch(args: list[str], devices: int = 1, env: dict | None = None, timeout: int = 1800):
     """Runs launch.py in a fresh interpreter with `devices` forced CPU devices.
 
-    The timeout only catches a hung run: the smoke run of every stage takes about 10 minutes
-    on 2 free cores, and ran past 600 s whenever an experiment shared them.
+    The timeout only catches a hung run.
     """
     full_env = dict(os.environ)
     full_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
@@ -82,3 +98,30 @@ def smoke_args(workdir: str, data_dir: str, *extra: str) -> list[str]:
         f"--config.data.dir={data_dir}",
         *extra,
     ]
+
+
+def smoke_config(data_dir: str, **teacher):
+    """configs/smoke.py on the IDX files in `data_dir`, with teacher fields changed."""
+    from configs import smoke
+
+    config = smoke.get_config()
+    config.data.dir = data_dir
+    config.teacher.update(teacher)
+    return config
+
+
+@pytest.fixture(scope="session")
+def smoke_run(idx_dir, tmp_path_factory):
+    """Every stage of the smoke config, once, through launch.py; tests copy what they change."""
+    workdir = str(tmp_path_factory.mktemp("smoke") / "run")
+    result = run_launch(smoke_args(workdir, idx_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir, result
+
+
+@pytest.fixture
+def run_copy(smoke_run, tmp_path) -> str:
+    """A private copy of the smoke run's workdir, for a test that changes what is in it."""
+    copy = str(tmp_path / "copy")
+    shutil.copytree(smoke_run[0], copy)
+    return copy

@@ -37,7 +37,7 @@ def main():
     from conftest import synthetic_images
 
     from configs import smoke
-    from jaxclean import regenerate, sharding
+    from jaxclean import sharding, variations
     from jaxclean.data import ImageDataset
     from jaxclean.diffusion import generator, sampler, trainer
 
@@ -64,7 +64,7 @@ def main():
     params = jax.device_put(params, sharding.replicated(mesh))
     settings = sampler.SamplerSettings(steps=4, eta=0.5, guidance=2.0, strength=strength)
     sample = sampler.make_sampler(model, settings, mesh)
-    stats = regenerate.regenerate(
+    stats = variations.regenerate(
         dataset,
         sample,
         params,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import common
-from jaxclean import detectability, sharding, train
+from jaxclean import augment, detectability, sharding, steps, train
 from jaxclean.models import classifier_from_recipe
 
 
@@ -56,7 +56,7 @@ def _trained_detector(triggered, clean, tmp_path):
     model = classifier_from_recipe(recipe, 2)
     tx, _ = train.make_optimizer(recipe, len(dataset) // recipe.batch_size)
     state = train.create_train_state(model, tx, dataset.image_shape, jax.random.key(0), mesh)
-    step = train.jit_step(functools.partial(train.train_step, augment=train.Augment()), mesh)
+    step = train.jit_step(functools.partial(steps.train_step, augment=augment.Augment()), mesh)
     result = train.fit(
         state,
         step,
@@ -73,6 +73,7 @@ def _trained_detector(triggered, clean, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_detector_sees_a_fixed_trace_and_nothing_in_identical_pairs(tmp_path):
     rng = np.random.default_rng(0)
     clean = rng.integers(0, 200, (160, 12, 12, 1), dtype=np.uint8)

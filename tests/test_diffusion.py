@@ -17,10 +17,11 @@ from conftest import REPO, synthetic_images
 
 from configs import smoke
 from jaxclean import checkpointing, sharding, train
+from jaxclean.checks import ConfigError
 from jaxclean.data import ImageDataset
 from jaxclean.diffusion import adapter, generator, sampler, trainer
-from jaxclean.experiment import ConfigError
-from jaxclean.metrics import MetricWriter
+from jaxclean.diffusion.postprocess import Postprocess
+from jaxclean.stages import generator as generator_stage
 
 
 def test_ddim_matches_diffusers_flax_scheduler():
@@ -67,7 +68,6 @@ def test_strength_runs_only_the_last_part_of_the_schedule():
         (dict(strength=1.5), r"strength 1.5"),
         (dict(guidance=0.5), "guidance"),
         (dict(eta=-1.0), "eta"),
-        (dict(black_level=256), r"black_level 256 must be in \[0, 255\]"),
         (dict(condition_corruption=1.5), r"condition_corruption 1.5 must be in \[0, 1\]"),
     ],
 )
@@ -77,11 +77,15 @@ def test_bad_sampler_settings(settings, message):
 
 
 def test_black_level_clears_dark_pixels_only_and_composes():
-    pixels = jnp.asarray([[0, 5, 15, 16, 17, 200]], jnp.uint8)
-    np.testing.assert_array_equal(sampler.apply_black_level(pixels, 16), [[0, 0, 0, 16, 17, 200]])
-    np.testing.assert_array_equal(sampler.apply_black_level(pixels, 0), pixels)
-    low_then_high = sampler.apply_black_level(sampler.apply_black_level(pixels, 6), 16)
-    np.testing.assert_array_equal(low_then_high, sampler.apply_black_level(pixels, 16))
+    pixels = np.asarray([[0, 5, 15, 16, 17, 200]], np.uint8)
+    level16, level6 = Postprocess(black_level=16), Postprocess(black_level=6)
+    np.testing.assert_array_equal(level16(pixels), [[0, 0, 0, 16, 17, 200]])
+    np.testing.assert_array_equal(Postprocess()(pixels), pixels)
+    np.testing.assert_array_equal(level16(level6(pixels)), level16(pixels))
+    # A higher level covers a lower one (reapplied, it gives its own output); not the reverse.
+    assert level16.covers(level6) and level16.covers(level16) and not level6.covers(level16)
+    with pytest.raises(ConfigError, match=r"black_level 256 must be in \[0, 255\]"):
+        Postprocess(black_level=256)
 
 
 def test_colour_transfer_matches_source_statistics():
@@ -99,6 +103,7 @@ def tiny_model(condition="embedding"):
     return generator.build(config, (28, 28, 1), 10)
 
 
+@pytest.mark.slow
 def test_condition_corruption_changes_only_what_the_encoder_reads():
     """Each source's corrupted copy comes from its own key (not its batch), the pixels and
     noise of the variation are those of a run without the option, and it reaches the output
@@ -131,17 +136,7 @@ def test_condition_corruption_changes_only_what_the_encoder_reads():
     np.testing.assert_array_equal(vary(label_model, 1.0), vary(label_model, 0.0))
 
 
-def test_regenerate_spec_names_condition_corruption_only_when_on():
-    """Off, the regenerate stage's spec is that of variations made before the option."""
-    from jaxclean import generation
-
-    config = smoke.get_config().regenerate
-    off = generation.regenerate_settings_config(config)
-    assert "condition_corruption" not in off and off["steps"] == config.steps
-    config.condition_corruption = 0.5
-    assert generation.regenerate_settings_config(config)["condition_corruption"] == 0.5
-
-
+@pytest.mark.slow
 def test_generator_train_steps_lower_their_losses():
     model = tiny_model()
     mesh = sharding.make_mesh()
@@ -207,9 +202,8 @@ def test_label_condition_adds_a_token_and_null_rows_differ():
     np.testing.assert_array_equal(context[0, 1], table[3])
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
-    from jaxclean.generation import load_generator_params
-
     model = tiny_model()
     config = smoke.get_config().generator
     config.unet.block_out_channels = (32, 64)
@@ -217,10 +211,10 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     path = os.path.join(tmp_path, "model")
     checkpointing.save_tree(path, jax.device_get(trainer.random_params(other, jax.random.key(0))))
     with pytest.raises(ConfigError, match="another architecture"):
-        load_generator_params(model, path)
+        generator_stage.load_generator_params(model, path)
     with pytest.raises(ConfigError, match="no generator checkpoint"):
-        load_generator_params(model, os.path.join(tmp_path, "missing"))
-    assert load_generator_params(other, path)["latent_scale"] == 1.0
+        generator_stage.load_generator_params(model, os.path.join(tmp_path, "missing"))
+    assert generator_stage.load_generator_params(other, path)["latent_scale"] == 1.0
 
 
 def test_generator_widths_must_suit_group_norm():
@@ -230,8 +224,9 @@ def test_generator_widths_must_suit_group_norm():
         generator.build(config, (28, 28, 1), 10)
 
 
+@pytest.mark.slow
 def test_denoiser_can_be_conditioned_on_corrupted_sources():
-    """With cond_corruption 1 every sample reads one of its corrupted copies' embeddings; with
+    """With condition_corruption 1 every sample reads one of its corrupted copies' embeddings; with
     0 the step is the plain one, whatever copies the batch carries."""
     model = tiny_model()
     mesh = sharding.make_mesh()
@@ -258,7 +253,7 @@ def test_denoiser_can_be_conditioned_on_corrupted_sources():
     }
     denoiser_params = {"unet": params["unet"], "label_table": params["label_table"]}
 
-    def loss(batch, cond_corruption):
+    def loss(batch, condition_corruption):
         state = generator.EMATrainState.create(denoiser_params, optax.sgd(0.0))
         _, metrics = generator.denoiser_train_step(
             state,
@@ -267,7 +262,7 @@ def test_denoiser_can_be_conditioned_on_corrupted_sources():
             model=model,
             cond_dropout=0.0,
             ema_decay=0.9,
-            cond_corruption=cond_corruption,
+            condition_corruption=condition_corruption,
         )
         return float(metrics["loss"])
 
@@ -277,69 +272,6 @@ def test_denoiser_can_be_conditioned_on_corrupted_sources():
     as_clean = dict(plain, embedding=corrupted[:, 0])
     np.testing.assert_allclose(loss(all_copies_alike, 1.0), loss(as_clean, 0.0), rtol=1e-6)
     assert loss(fields, 1.0) != loss(fields, 0.0)
-
-
-def _invariance_config(**overrides):
-    config = smoke.get_config().generator.encoder_invariance
-    config.update(dict(num_epochs=10, batch_size=16, learning_rate=3e-3, ema_decay=0.0))
-    config.update(overrides)
-    return config
-
-
-def test_encoder_invariance_holds_the_embedding_still_under_corruption(tmp_path):
-    """The phase pulls corrupted images' embeddings to their clean images' (as the encoder
-    gave them before it), leaves the clean embeddings near where they were and every other
-    weight alone, resumes from its checkpoint, and with 0 epochs is a no-op."""
-    model = tiny_model()
-    mesh = sharding.make_mesh()
-    params = trainer.random_params(model, jax.random.key(0))
-    images, labels = synthetic_images(64, seed=0)
-    dataset = ImageDataset(images[..., None], labels.astype(np.int32), tuple("0123456789"))
-    config = _invariance_config()
-    corrupted = np.asarray(
-        jax.vmap(
-            lambda image, key: train.corrupt_image(
-                image, key, 1.0, config.max_noise_std, config.min_contrast
-            )
-        )(train.normalize(dataset.images), jax.random.split(jax.random.key(7), 64))
-    )
-    corrupted = np.round((corrupted + 1.0) * 127.5).astype(np.uint8)
-
-    def gap(params_, other):
-        return float(
-            np.mean((model.embed(params_, other) - model.embed(params, images[..., None])) ** 2)
-        )
-
-    writer = MetricWriter(str(tmp_path / "tensorboard"))
-    tuned = trainer.train_encoder_invariance(
-        model, params, dataset, config, str(tmp_path), mesh, writer, seed=0
-    )
-    before, after = gap(params, corrupted), gap(tuned, corrupted)
-    assert after < 0.6 * before, (before, after)
-    assert gap(tuned, images[..., None]) < after  # Clean embeddings stay near their anchor.
-    for key in ("vae", "unet", "label_table", "embed_mean", "embed_std", "latent_scale"):
-        jax.tree.map(np.testing.assert_array_equal, tuned[key], params[key])
-    jax.tree.map(
-        np.testing.assert_array_equal,
-        tuned["encoder"]["batch_stats"],
-        params["encoder"]["batch_stats"],
-    )
-    # A rerun finds the finished phase's checkpoint and gives the same weights.
-    again = trainer.train_encoder_invariance(
-        model, params, dataset, config, str(tmp_path), mesh, writer, seed=0
-    )
-    jax.tree.map(np.testing.assert_array_equal, again["encoder"], tuned["encoder"])
-    off = trainer.train_encoder_invariance(
-        model,
-        params,
-        dataset,
-        _invariance_config(num_epochs=0),
-        str(tmp_path / "off"),
-        mesh,
-        writer,
-        seed=0,
-    )
-    assert off is params
 
 
 _WITHOUT_FLAX_CLIP = """

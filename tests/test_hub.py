@@ -36,6 +36,7 @@ def components():
     return _tiny_components()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("component", ["unet", "vae", "image_encoder"])
 def test_safetensors_in_pytorch_layout_load_as_the_same_flax_params(
     components, tmp_path, component

@@ -35,6 +35,7 @@ def _load(module, params, naming):
     return module.eval()
 
 
+@pytest.mark.slow
 def test_unet_matches_diffusers_pytorch(components):
     params, naming = components["unet"]
     pt = UNet2DConditionModel(

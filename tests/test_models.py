@@ -98,9 +98,9 @@ def test_standardising_keeps_a_flat_image_finite_and_adds_no_parameters():
     standardised = standardize_per_image(ramp)
     assert jnp.allclose(standardised.mean(), 0.0, atol=1e-6)
     assert jnp.allclose(standardised.std(), 1.0, atol=1e-5)
-    # Recipes recorded before the field existed build the plain module, with the same tree.
+    # Off by default: the plain module, with the same parameter tree as the standardising one.
     old_recipe = common.classifier_recipe(width=4)
-    assert "standardize_input" not in old_recipe
+    assert old_recipe.standardize_input is False
     assert not classifier_from_recipe(old_recipe, 10).standardize_input
     on = classifier_from_recipe(common.classifier_recipe(width=4, standardize_input=True), 10)
     shapes = [

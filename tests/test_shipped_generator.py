@@ -11,8 +11,11 @@ import os
 import pytest
 
 from configs import common, fashion_mnist_badnets, fashion_mnist_blended
-from jaxclean import data, generation
+from jaxclean import checkpointing, data
+from jaxclean.artifacts import SPEC_VERSION
+from jaxclean.checks import ConfigError
 from jaxclean.diffusion import generator as generator_lib
+from jaxclean.stages import generator as generator_stage
 
 SHIPPED = common.FASHION_MNIST_GENERATOR
 pytestmark = pytest.mark.skipif(
@@ -26,10 +29,15 @@ def _read(name):
 
 
 def test_shipped_generator_is_intact_and_small():
-    with open(os.path.join(SHIPPED, generation.EXPORT_FILE), "rb") as f:
+    with open(os.path.join(SHIPPED, generator_stage.EXPORT_FILE), "rb") as f:
         blob = f.read()
     assert len(blob) <= 20 * 2**20
-    assert hashlib.sha256(blob).hexdigest() == _read("done.json")["model_sha256"]
+    digest = hashlib.sha256(blob).hexdigest()
+    assert digest == _read("done.json")["model_sha256"]
+    # Its model card names the file it describes.
+    with open(os.path.join(SHIPPED, "README.md")) as f:
+        assert digest in f.read()
+    assert _read("spec.json")["spec_version"] == SPEC_VERSION
 
 
 @pytest.mark.parametrize("module", [fashion_mnist_badnets, fashion_mnist_blended])
@@ -37,21 +45,19 @@ def test_full_configs_describe_the_shipped_generator(module):
     config = module.get_config()
     assert config.generator.pretrained == SHIPPED
     spec = _read("spec.json")
-    wanted = generation.generator_weights_config(config.generator)
+    wanted = generator_stage.generator_weights_config(config.generator)
     assert json.loads(json.dumps(wanted)) == spec["generator"]
     assert spec["seed"] == config.seed and spec["train_split"] == "trusted"
 
 
 def test_shipped_weights_fit_the_configured_architecture():
-    import flax.serialization
-
     config = fashion_mnist_badnets.get_config()
     spec = _read("spec.json")
     shape, classes = tuple(spec["image_shape"]), spec["num_classes"]
-    with open(os.path.join(SHIPPED, generation.EXPORT_FILE), "rb") as f:
-        params = flax.serialization.msgpack_restore(f.read())
+    with open(os.path.join(SHIPPED, generator_stage.EXPORT_FILE), "rb") as f:
+        params = checkpointing.from_safetensors(f.read())
     model = generator_lib.build(config.generator, shape, classes)
-    checked = generation.check_generator_params(model, params, SHIPPED)
+    checked = generator_stage.check_generator_params(model, params, SHIPPED)
     assert set(checked) == {
         "encoder",
         "vae",
@@ -64,8 +70,8 @@ def test_shipped_weights_fit_the_configured_architecture():
     # The check is not vacuous: the same weights against another UNet width are refused.
     config.generator.unet.block_out_channels = (64, 64, 64)
     other = generator_lib.build(config.generator, shape, classes)
-    with pytest.raises(generation.ConfigError, match="another architecture"):
-        generation.check_generator_params(other, params, SHIPPED)
+    with pytest.raises(ConfigError, match="another architecture"):
+        generator_stage.check_generator_params(other, params, SHIPPED)
 
 
 @pytest.mark.skipif(

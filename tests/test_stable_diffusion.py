@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_regenerate import read_all, run_worker
+from test_variations import read_all, run_worker
 from tiny_hub import TINY_RESOLUTION, write_tiny_sd_image_variations, write_tiny_sd_img2img
 
 from configs import common, smoke
@@ -49,6 +49,7 @@ def test_loads_every_component_with_the_scheduler_of_the_model(tiny_model):
     assert model.final_alpha_cumprod == pytest.approx(model.alphas_cumprod[0])
 
 
+@pytest.mark.slow
 def test_condition_corruption_reaches_sd_only_through_the_clip_condition(tiny_model, tiny_img2img):
     """With the option on, SD image variations are those of the corrupted copies of the
     sources (colour transfer off, so the sources enter nowhere else); img2img conditions on the
@@ -135,6 +136,7 @@ def test_img2img_without_tokenizer_or_placeholder_is_named(idx_dir, tiny_img2img
         pipeline.run(config, str(tmp_path / "b"), "generator")
 
 
+@pytest.mark.slow
 def test_bfloat16_unet_stores_bf16_weights_and_stays_close(tiny_model):
     full, params = sd.load_sd_image_variations(tiny_model, (28, 28, 1), TINY_RESOLUTION)
     half, half_params = sd.load_sd_image_variations(

@@ -13,7 +13,7 @@ import optax
 import pytest
 from conftest import REPO, synthetic_images
 
-from jaxclean import sharding, train
+from jaxclean import augment, sharding, steps, train
 from jaxclean.models import make_classifier
 
 
@@ -35,12 +35,13 @@ def batch_of(images, labels, mesh):
     )
 
 
+@pytest.mark.slow
 def test_train_step_lowers_loss_on_a_tiny_set():
     mesh = sharding.make_mesh()
     _, state = tiny_state(mesh)
     images, labels = synthetic_images(32, seed=0)
     batch = batch_of(images[..., None], labels, mesh)
-    step = train.jit_step(functools.partial(train.train_step, augment=train.Augment()), mesh)
+    step = train.jit_step(functools.partial(steps.train_step, augment=augment.Augment()), mesh)
     losses = []
     for _ in range(25):
         state, metrics = step(state, batch, jax.random.key(0))
@@ -53,24 +54,25 @@ def test_feature_invariance_is_zero_when_still_scale_free_and_two_when_unrelated
     rng = np.random.default_rng(0)
     clean = jnp.asarray(rng.normal(size=(4096, 8)) * np.arange(1, 9), jnp.float32)
     moved = clean + 0.3 * jnp.asarray(rng.normal(size=clean.shape), jnp.float32)
-    assert float(train.feature_invariance(clean, clean)) == 0.0
-    small = float(train.feature_invariance(clean, moved))
+    assert float(steps.feature_invariance(clean, clean)) == 0.0
+    small = float(steps.feature_invariance(clean, moved))
     # Shrinking (or growing) the features does not meet it: only holding them still does.
-    np.testing.assert_allclose(train.feature_invariance(5 * clean, 5 * moved), small, rtol=1e-4)
+    np.testing.assert_allclose(steps.feature_invariance(5 * clean, 5 * moved), small, rtol=1e-4)
     unrelated = jnp.asarray(rng.normal(size=clean.shape) * np.arange(1, 9), jnp.float32)
-    np.testing.assert_allclose(train.feature_invariance(clean, unrelated), 2.0, atol=0.1)
-    assert 0.0 < small < 0.5 * float(train.feature_invariance(clean, unrelated))
+    np.testing.assert_allclose(steps.feature_invariance(clean, unrelated), 2.0, atol=0.1)
+    assert 0.0 < small < 0.5 * float(steps.feature_invariance(clean, unrelated))
 
 
+@pytest.mark.slow
 def test_invariance_step_is_cross_entropy_plus_weighted_invariance_and_lowers_it():
     mesh = sharding.make_mesh()
     images, labels = synthetic_images(64, seed=0)
     batch = batch_of(images[..., None], labels, mesh)
-    augment = train.Augment(crop_padding=2)
+    settings = augment.Augment(crop_padding=2)
 
     def step_fn(weight):
         return train.jit_step(
-            functools.partial(train.invariance_step, augment=augment, weight=weight), mesh
+            functools.partial(steps.invariance_step, augment=settings, weight=weight), mesh
         )
 
     # Fresh states of the same seed: the step donates its state.
@@ -113,14 +115,14 @@ def test_kd_loss_matches_hand_computation_and_limits():
     )
     ce = np.mean([-np.log(softmax(s)[y]) for s, y in zip(np.asarray(student), [1, 2])])
     expected = alpha * temperature**2 * kl + (1 - alpha) * ce
-    got = train.distillation_loss(student, teacher, labels, alpha, temperature)
+    got = steps.distillation_loss(student, teacher, labels, alpha, temperature)
     np.testing.assert_allclose(got, expected, rtol=1e-5)
     # alpha = 0: plain cross-entropy; alpha = 1: pure distillation, zero when the two agree.
     np.testing.assert_allclose(
-        train.distillation_loss(student, teacher, labels, 0.0, temperature), ce, rtol=1e-5
+        steps.distillation_loss(student, teacher, labels, 0.0, temperature), ce, rtol=1e-5
     )
     np.testing.assert_allclose(
-        train.distillation_loss(student, student, labels, 1.0, temperature), 0.0, atol=1e-6
+        steps.distillation_loss(student, student, labels, 1.0, temperature), 0.0, atol=1e-6
     )
 
 
@@ -131,9 +133,9 @@ def test_distill_step_pulls_student_toward_teacher():
     images, labels = synthetic_images(32, seed=3)
     batch = batch_of(images[..., None], labels, mesh)
     step_fn = functools.partial(
-        train.distill_step,
+        steps.distill_step,
         teacher_apply=model.apply,
-        augment=train.Augment(),
+        augment=augment.Augment(),
         alpha=1.0,
         temperature=2.0,
     )
@@ -149,9 +151,9 @@ def test_distill_step_pulls_student_toward_teacher():
 def one_step_distill_loss(mesh, batch, teacher_apply, rng, **step_settings) -> float:
     """The loss of one distillation step (alpha 0.5, T 2) of a fresh seed-2 student."""
     step_fn = functools.partial(
-        train.distill_step,
+        steps.distill_step,
         teacher_apply=teacher_apply,
-        augment=train.Augment(),
+        augment=augment.Augment(),
         alpha=0.5,
         temperature=2.0,
         **step_settings,
@@ -166,16 +168,17 @@ def test_teacher_prior_correction_is_the_log_ratio_of_the_two_label_priors():
     # The teacher's set: half class 0 (poisoned towards it), the trusted set balanced.
     teacher_labels = np.array([0] * 50 + [1] * 25 + [2] * 25)
     trusted_labels = np.array([0] * 10 + [1] * 10 + [2] * 10)
-    offset = train.teacher_prior_correction(teacher_labels, trusted_labels, 3)
+    offset = steps.teacher_prior_correction(teacher_labels, trusted_labels, 3)
     # Add-one smoothed: p_teacher = (51, 26, 26) / 103, p_trusted = (11, 11, 11) / 33.
     want = np.log(np.array([11, 11, 11]) / 33) - np.log(np.array([51, 26, 26]) / 103)
     np.testing.assert_allclose(offset, want, rtol=1e-6)
     assert offset[0] < 0 < offset[1]
     # A class absent from one split stays finite; equal priors give no correction.
-    assert np.all(np.isfinite(train.teacher_prior_correction([0, 0], [1, 1], 3)))
-    np.testing.assert_allclose(train.teacher_prior_correction(trusted_labels, trusted_labels, 3), 0)
+    assert np.all(np.isfinite(steps.teacher_prior_correction([0, 0], [1, 1], 3)))
+    np.testing.assert_allclose(steps.teacher_prior_correction(trusted_labels, trusted_labels, 3), 0)
 
 
+@pytest.mark.slow
 def test_teacher_logit_offset_shifts_only_the_soft_labels():
     mesh = sharding.make_mesh()
     images, labels = synthetic_images(16, seed=3)
@@ -194,16 +197,17 @@ def test_teacher_logit_offset_shifts_only_the_soft_labels():
     _, student = tiny_state(mesh, seed=2)
     logits, _ = student.apply_fn(
         student.variables,
-        train.normalize(jnp.asarray(images[..., None])),
+        augment.normalize(jnp.asarray(images[..., None])),
         train=True,
         mutable=["batch_stats"],
     )
     shifted = teacher_apply(None, images, False) + jnp.asarray(offset)
-    want = float(train.distillation_loss(logits, shifted, jnp.asarray(labels), 0.5, 2.0))
+    want = float(steps.distillation_loss(logits, shifted, jnp.asarray(labels), 0.5, 2.0))
     np.testing.assert_allclose(step_loss(offset), want, rtol=1e-4)
     assert abs(step_loss(offset) - step_loss(None)) > 1e-3
 
 
+@pytest.mark.slow
 def test_student_corruption_corrupts_only_the_students_copy():
     mesh = sharding.make_mesh()
     model, student = tiny_state(mesh, seed=2)
@@ -220,13 +224,13 @@ def test_student_corruption_corrupts_only_the_students_copy():
     def step_loss(corruption):
         return one_step_distill_loss(mesh, batch, teacher_apply, rng, student_corruption=corruption)
 
-    clean = train.normalize(jnp.asarray(images[..., None]))
-    keys = train.sample_keys(rng, jnp.arange(len(labels)))
-    # Written out rather than through train.corrupt_images, so the step is checked against an
+    clean = augment.normalize(jnp.asarray(images[..., None]))
+    keys = augment.sample_keys(rng, jnp.arange(len(labels)))
+    # Written out rather than through augment.corrupt_images, so the step is checked against an
     # independent per-image draw from the student's stream.
-    student_stream = train.STUDENT_CORRUPTION_STREAM
+    student_stream = augment.STUDENT_CORRUPTION_STREAM
     corrupted = jax.vmap(
-        lambda x, k: train.corrupt_image(x, jax.random.fold_in(k, student_stream), 1.0)
+        lambda x, k: augment.corrupt_image(x, jax.random.fold_in(k, student_stream), 1.0)
     )(clean, keys)
     assert np.all(np.any(np.asarray(corrupted != clean), axis=(1, 2, 3)))
 
@@ -235,7 +239,7 @@ def test_student_corruption_corrupts_only_the_students_copy():
             student.variables, student_input, train=True, mutable=["batch_stats"]
         )
         teacher_logits = teacher_apply(None, teacher_input, False)
-        return float(train.distillation_loss(logits, teacher_logits, jnp.asarray(labels), 0.5, 2.0))
+        return float(steps.distillation_loss(logits, teacher_logits, jnp.asarray(labels), 0.5, 2.0))
 
     want = {
         "corrupted_vs_clean": expected(corrupted, clean),
@@ -251,10 +255,10 @@ def test_student_corruption_corrupts_only_the_students_copy():
 
 def test_augmentation_is_per_sample_and_batch_independent():
     images = jnp.arange(2 * 6 * 6, dtype=jnp.float32).reshape(2, 6, 6, 1)
-    keys = train.sample_keys(jax.random.key(0), jnp.array([10, 11]))
-    augment = train.Augment(crop_padding=2, flip=True)
-    both = train.augment_images(images, keys, augment)
-    second_alone = train.augment_images(images[1:], keys[1:], augment)
+    keys = augment.sample_keys(jax.random.key(0), jnp.array([10, 11]))
+    settings = augment.Augment(crop_padding=2, flip=True)
+    both = augment.augment_images(images, keys, settings)
+    second_alone = augment.augment_images(images[1:], keys[1:], settings)
     np.testing.assert_array_equal(both[1], second_alone[0])
     # A crop keeps 6x6 pixels; values either come from the image or are padding (-1).
     assert both.shape == images.shape
@@ -263,14 +267,14 @@ def test_augmentation_is_per_sample_and_batch_independent():
 
 def test_corruption_changes_only_the_chosen_images_and_leaves_crops_alone():
     images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (64, 8, 8, 1)), jnp.float32)
-    keys = train.sample_keys(jax.random.key(0), jnp.arange(64))
-    plain = train.augment_images(images, keys, train.Augment(crop_padding=2))
-    half = train.augment_images(images, keys, train.Augment(crop_padding=2, corruption=0.5))
+    keys = augment.sample_keys(jax.random.key(0), jnp.arange(64))
+    plain = augment.augment_images(images, keys, augment.Augment(crop_padding=2))
+    half = augment.augment_images(images, keys, augment.Augment(crop_padding=2, corruption=0.5))
     changed = np.any(np.asarray(plain != half), axis=(1, 2, 3))
     # About half are corrupted; the rest keep exactly the crop they had without corruption.
     assert 16 <= changed.sum() <= 48, changed.sum()
     assert np.all(np.abs(np.asarray(half)) <= 1.0)
-    always = train.augment_images(images, keys, train.Augment(corruption=1.0))
+    always = augment.augment_images(images, keys, augment.Augment(corruption=1.0))
     assert np.all(np.any(np.asarray(always != images), axis=(1, 2, 3)))
     # A corruption lowers the contrast (towards a flat level) more than its noise adds back.
     spread = lambda x: np.asarray(x).std(axis=(1, 2, 3))  # noqa: E731
@@ -279,9 +283,11 @@ def test_corruption_changes_only_the_chosen_images_and_leaves_crops_alone():
 
 def test_corruption_without_noise_is_the_same_contrast_and_level_change_only():
     images = jnp.asarray(np.random.default_rng(1).uniform(-0.5, 0.5, (32, 8, 8, 1)), jnp.float32)
-    keys = train.sample_keys(jax.random.key(2), jnp.arange(32))
-    noisy = train.augment_images(images, keys, train.Augment(corruption=1.0))
-    flat = train.augment_images(images, keys, train.Augment(corruption=1.0, corruption_noise=0.0))
+    keys = augment.sample_keys(jax.random.key(2), jnp.arange(32))
+    noisy = augment.augment_images(images, keys, augment.Augment(corruption=1.0))
+    flat = augment.augment_images(
+        images, keys, augment.Augment(corruption=1.0, corruption_noise=0.0)
+    )
     x, y = np.asarray(images).reshape(32, -1), np.asarray(flat).reshape(32, -1)
     # Each image is mapped by one affine function c * x + (1 - c) * b, so a least-squares line
     # through its pixels fits exactly, with a contrast c in [0.5, 1] (inputs in [-0.5, 0.5] stay
@@ -299,21 +305,21 @@ def test_corruption_without_noise_is_the_same_contrast_and_level_change_only():
 
 def test_corrupt_images_draws_each_image_from_its_own_key_and_stream():
     images = jnp.asarray(np.random.default_rng(3).uniform(-1, 1, (16, 8, 8, 1)), jnp.float32)
-    keys = train.sample_keys(jax.random.key(5), jnp.arange(16))
-    stream = train.STUDENT_CORRUPTION_STREAM
-    out = np.asarray(train.corrupt_images(images, keys, stream, 1.0))
+    keys = augment.sample_keys(jax.random.key(5), jnp.arange(16))
+    stream = augment.STUDENT_CORRUPTION_STREAM
+    out = np.asarray(augment.corrupt_images(images, keys, stream, 1.0))
     # Image i is corrupt_image of it under its key folded with the stream, whatever the batch:
     # the same images in reverse order give the same corruptions, reversed.
     for i in (0, 7, 15):
-        one = train.corrupt_image(images[i], jax.random.fold_in(keys[i], stream), 1.0)
+        one = augment.corrupt_image(images[i], jax.random.fold_in(keys[i], stream), 1.0)
         np.testing.assert_allclose(out[i], np.asarray(one), atol=1e-6)
-    reversed_out = train.corrupt_images(images[::-1], keys[::-1], stream, 1.0)
+    reversed_out = augment.corrupt_images(images[::-1], keys[::-1], stream, 1.0)
     np.testing.assert_allclose(np.asarray(reversed_out)[::-1], out, atol=1e-6)
     # Another stream draws other corruptions from the same keys; probability 0 is the identity.
-    other = np.asarray(train.corrupt_images(images, keys, train.INVARIANCE_COPY_STREAM, 1.0))
+    other = np.asarray(augment.corrupt_images(images, keys, augment.INVARIANCE_COPY_STREAM, 1.0))
     assert np.all(np.any(other != out, axis=(1, 2, 3)))
     np.testing.assert_array_equal(
-        np.asarray(train.corrupt_images(images, keys, stream, 0.0)), np.asarray(images)
+        np.asarray(augment.corrupt_images(images, keys, stream, 0.0)), np.asarray(images)
     )
     assert np.abs(out).max() <= 1.0
 
@@ -330,7 +336,7 @@ import functools, json, sys
 sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
 import jax, numpy as np, optax
 from conftest import synthetic_images
-from jaxclean import sharding, train
+from jaxclean import augment, sharding, steps, train
 from jaxclean.models import make_classifier
 mesh = sharding.make_mesh()
 model = make_classifier("cifar_resnet20", num_classes=10, width=4)
@@ -338,8 +344,8 @@ state = train.create_train_state(model, optax.adam(1e-3), (28, 28, 1), jax.rando
 images, labels = synthetic_images(16, seed=0)
 batch = sharding.to_global({{"image": images[..., None], "label": labels.astype(np.int32),
                             "index": np.arange(16, dtype=np.int32)}}, mesh)
-step = train.jit_step(functools.partial(train.train_step,
-                      augment=train.Augment(crop_padding=2, flip=True)), mesh)
+step = train.jit_step(functools.partial(steps.train_step,
+                      augment=augment.Augment(crop_padding=2, flip=True)), mesh)
 losses = []
 for _ in range(3):
     state, metrics = step(state, batch, jax.random.key(5))

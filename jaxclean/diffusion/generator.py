@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxclean.augment import normalize, sample_keys
 from jaxclean.diffusion import adapter
 from jaxclean.models import classifier_from_recipe
-from jaxclean.train import corrupt_image, normalize, sample_keys
 
 CONDITIONS = ("embedding", "label", "embedding+label")
 
@@ -259,12 +259,12 @@ def denoiser_train_step(
     model: LatentDiffusion,
     cond_dropout: float,
     ema_decay: float,
-    cond_corruption: float = 0.0,
+    condition_corruption: float = 0.0,
 ):
     """One noise-prediction step on precomputed latents and embeddings.
 
     batch: {"latent_mean", "latent_std"} (already scaled to unit variance), "embedding",
-    "label", "index", and with `cond_corruption` > 0 "corrupted_embedding" (B, K, D): with that
+    "label", "index", and with `condition_corruption` > 0 "corrupted_embedding" (B, K, D): with that
     probability a sample is conditioned on one of its K corrupted copies' embeddings instead.
     Each sample's latent draw, timestep, noise and condition dropout come from its own key,
     folded from its index.
@@ -283,7 +283,7 @@ def denoiser_train_step(
     signal = jnp.sqrt(alphas[timesteps])[:, None, None, None]
     noisy = signal * latents + jnp.sqrt(1.0 - signal**2) * noise
     embedding = batch["embedding"]
-    if cond_corruption > 0:
+    if condition_corruption > 0:
         # Keys of their own, so the draws above are those of a run without the option.
         corrupt_keys = jax.vmap(lambda k: jax.random.split(k))(
             sample_keys(jax.random.fold_in(rng, 1), batch["index"])
@@ -292,7 +292,7 @@ def denoiser_train_step(
         which = jax.vmap(lambda k: jax.random.randint(k, (), 0, corrupted.shape[1]))(
             corrupt_keys[:, 0]
         )
-        use = jax.vmap(lambda k: jax.random.bernoulli(k, cond_corruption))(corrupt_keys[:, 1])
+        use = jax.vmap(lambda k: jax.random.bernoulli(k, condition_corruption))(corrupt_keys[:, 1])
         chosen = jnp.take_along_axis(corrupted, which[:, None, None], axis=1)[:, 0]
         embedding = jnp.where(use[:, None], chosen, embedding)
 
@@ -304,55 +304,6 @@ def denoiser_train_step(
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     new_state = state.apply_gradients(grads, ema_decay)
     return new_state, {"loss": loss, **_norms(grads, state.params)}
-
-
-def encoder_invariance_step(
-    state: EMATrainState,
-    anchor: dict,
-    batch,
-    rng,
-    *,
-    model: LatentDiffusion,
-    corrupted_weight: float,
-    min_contrast: float,
-    max_noise_std: float,
-    ema_decay: float,
-):
-    """One step of making the encoder's embedding blind to mild photometric corruption.
-
-    A classifier's features need not be invariant to what its predictions are invariant to:
-    the encoder recognises a corrupted image, yet its embedding moves with the corruption about
-    as far as a Blended trigger moves it, and the generator renders that move. Here the
-    embedding of each image, and of a corrupted copy (train.corrupt_image, from the image's
-    own key), are both pulled to the embedding `anchor` (the encoder the denoiser was trained
-    with, and the standardisation) gives the clean image: the denoiser keeps reading embeddings
-    it knows, while an overlay on the source stops moving them. Only the encoder's weights
-    train; its batch statistics stay the anchor's.
-
-    state.params: the encoder's "params" collection.
-    anchor: {"encoder": variables, "embed_mean", "embed_std"}.
-    """
-    images = normalize(batch["image"])
-    corrupted = jax.vmap(
-        lambda image, key: corrupt_image(image, key, 1.0, max_noise_std, min_contrast)
-    )(images, sample_keys(rng, batch["index"]))
-    frozen = anchor["encoder"]
-
-    def embed(variables, x):
-        features = model.encoder.apply(variables, x, train=False, output="features")
-        return (features - anchor["embed_mean"]) / anchor["embed_std"]
-
-    target = embed(frozen, images)
-
-    def loss_fn(params):
-        variables = {**frozen, "params": params}
-        drift = jnp.mean((embed(variables, images) - target) ** 2)
-        gap = jnp.mean((embed(variables, corrupted) - target) ** 2)
-        return drift + corrupted_weight * gap, {"clean_drift": drift, "corrupted_gap": gap}
-
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    new_state = state.apply_gradients(grads, ema_decay)
-    return new_state, {"loss": loss, **aux, **_norms(grads, state.params)}
 
 
 def init_denoiser_params(model: LatentDiffusion, rng) -> dict:

@@ -16,15 +16,16 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxclean.augment import corrupt_images, normalize
+from jaxclean.checks import ConfigError
 from jaxclean.sharding import DATA_AXIS
-from jaxclean.train import corrupt_images, normalize
 
 # The stream of each image's key that draws its condition's corruption; the step noise uses
 # streams 0..steps, so turning the corruption on leaves every other draw as it was.
 _CONDITION_STREAM = 2**31 - 1
 
 
-class SamplerError(ValueError):
+class SamplerError(ConfigError):
     """Sampler settings that cannot be run."""
 
 
@@ -40,13 +41,11 @@ class SamplerSettings:
       strength: 1.0 starts from pure noise (the method); below 1 the source latent is noised
         to that fraction of the schedule and denoised back (SDEdit, a baseline).
       color_transfer: match each variation's per-channel mean and std to its source.
-      black_level: uint8 pixel values below it are set to 0 in the variation (0: off). For
-        data whose backgrounds are pure black, where a latent decoder leaves a faint haze.
       condition_corruption: the probability that the encoder reads a randomly corrupted copy
-        of the source (train.corrupt_image, drawn from the image's own key) instead of the
+        of the source (augment.corrupt_image, drawn from the image's own key) instead of the
         source: randomised smoothing of the condition. A small overlay that moves the
         embedding one way then hides among the random moves every image gets, and a
-        generator trained on such conditions (generator.cond_corruption) renders a clean
+        generator trained on such conditions (generator.condition_corruption) renders a clean
         image from them. The output pixels never see the corrupted copy.
     """
 
@@ -55,7 +54,6 @@ class SamplerSettings:
     guidance: float = 7.5
     strength: float = 1.0
     color_transfer: bool = True
-    black_level: int = 0
     condition_corruption: float = 0.0
 
     def __post_init__(self):
@@ -67,12 +65,26 @@ class SamplerSettings:
             raise SamplerError(f"eta {self.eta} must be >= 0")
         if self.guidance < 1.0:
             raise SamplerError(f"guidance {self.guidance} must be >= 1")
-        if not 0 <= self.black_level <= 255:
-            raise SamplerError(f"black_level {self.black_level} must be in [0, 255]")
         if not 0.0 <= self.condition_corruption <= 1.0:
             raise SamplerError(
                 f"condition_corruption {self.condition_corruption} must be in [0, 1]"
             )
+
+    @classmethod
+    def from_config(cls, config) -> SamplerSettings:
+        """config.regenerate's sampler settings; a ConfigError naming the field when one is
+        bad."""
+        try:
+            return cls(
+                steps=config.steps,
+                eta=config.eta,
+                guidance=config.guidance,
+                strength=config.strength,
+                color_transfer=config.color_transfer,
+                condition_corruption=config.condition_corruption,
+            )
+        except SamplerError as e:
+            raise ConfigError(f"regenerate: {e}") from e
 
 
 def ddim_timesteps(num_train_timesteps: int, steps: int, strength: float, steps_offset: int = 0):
@@ -191,16 +203,9 @@ def make_variation_fn(model, settings: SamplerSettings):
         out = model.decode_latents(params, latents)
         if settings.color_transfer:
             out = jnp.clip(color_transfer(out, source), -1.0, 1.0)
-        pixels = jnp.round((out + 1.0) * 127.5).astype(jnp.uint8)
-        return apply_black_level(pixels, settings.black_level)
+        return jnp.round((out + 1.0) * 127.5).astype(jnp.uint8)
 
     return variations
-
-
-def apply_black_level(pixels, black_level: int):
-    """uint8 pixels below black_level set to 0; idempotent, and a higher level subsumes a
-    lower one, so variations made with one level can be brought to a higher one."""
-    return jnp.where(pixels < black_level, jnp.zeros_like(pixels), pixels)
 
 
 def make_sampler(model, settings: SamplerSettings, mesh):

@@ -260,22 +260,3 @@ def load_sd_img2img(
         **fields,
     )
     return model, params
-
-
-# Each hub generator: the components its directory must have, and its loader.
-HUB_GENERATORS = {
-    "sd_image_variations": SD_IMAGE_VARIATIONS_COMPONENTS,
-    "sd_img2img": SD_IMG2IMG_COMPONENTS,
-}
-
-
-def load(config, root: str, image_shape, class_names):
-    """(model, params) of the hub generator `config` names (a config.generator)."""
-    dtype = config.get("dtype", "float32")
-    if config.name == "sd_image_variations":
-        return load_sd_image_variations(root, image_shape, config.resolution, dtype)
-    if config.name == "sd_img2img":
-        return load_sd_img2img(
-            root, image_shape, config.resolution, class_names, config.prompt, dtype
-        )
-    raise hub.HubError(f"{config.name!r} is not a hub generator; known: {tuple(HUB_GENERATORS)}")

@@ -15,14 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxclean import sharding, train
+from jaxclean import augment, sharding, train
 from jaxclean.data import ImageDataset
 from jaxclean.diffusion import adapter
 from jaxclean.diffusion.generator import (
     EMATrainState,
     LatentDiffusion,
     denoiser_train_step,
-    encoder_invariance_step,
     init_denoiser_params,
     vae_train_step,
 )
@@ -94,7 +93,7 @@ def encode_dataset(
     """Embeddings and VAE posterior (mean, std) of every image, for the denoiser's training.
 
     With `corrupted_copies`, also the embeddings of that many corrupted versions of each image
-    (train.corrupt_image; copy k of image i from its own key), as "corrupted_features" (N, K, D).
+    (augment.corrupt_image; copy k of image i from its own key), as "corrupted_features" (N, K, D).
     """
     key = jax.random.key(seed)
 
@@ -103,13 +102,14 @@ def encode_dataset(
 
     @jax.jit
     def features(params, images, indices):
-        normalized = train.normalize(images)
+        normalized = augment.normalize(images)
         mean, std = adapter.encode(model.vae, params["vae"], model.to_generator_space(normalized))
         outputs = (embed(params, normalized), mean, std)
         if corrupted_copies:
-            per_image = train.sample_keys(key, indices)
+            per_image = augment.sample_keys(key, indices)
             copies = [
-                train.corrupt_images(normalized, per_image, c, 1.0) for c in range(corrupted_copies)
+                augment.corrupt_images(normalized, per_image, c, 1.0)
+                for c in range(corrupted_copies)
             ]
             outputs += (jnp.stack([embed(params, x) for x in copies], axis=1),)
         return outputs
@@ -131,7 +131,7 @@ def train_denoiser(
     mesh,
     writer: MetricWriter,
     seed: int,
-    cond_corruption: float = 0.0,
+    condition_corruption: float = 0.0,
 ) -> dict:
     """Phase 2: the conditional UNet on precomputed latents. Returns its EMA parameters."""
     tx = _adam(config.learning_rate)
@@ -144,62 +144,12 @@ def train_denoiser(
             denoiser_train_step,
             model=model,
             cond_dropout=cond_dropout,
-            cond_corruption=cond_corruption,
+            condition_corruption=condition_corruption,
             ema_decay=config.ema_decay,
         ),
         mesh,
     )
     return _fit_phase("unet", state, step, fields, config, seed + 1, directory, mesh, writer)
-
-
-def train_encoder_invariance(
-    model: LatentDiffusion,
-    params: dict,
-    dataset: ImageDataset,
-    config,
-    directory: str,
-    mesh,
-    writer: MetricWriter,
-    seed: int,
-) -> dict:
-    """Phase 3: the encoder fine-tuned so that mild corruption of a source stops moving its
-    embedding (generator.encoder_invariance_step), after the denoiser has learned on its
-    embeddings. Returns `params` with the new encoder; with num_epochs 0, `params` as given."""
-    if not config.num_epochs:
-        return params
-    steps = config.num_epochs * (len(dataset) // config.batch_size)
-    tx = _adam(optax.cosine_decay_schedule(config.learning_rate, steps))
-    anchor = {key: params[key] for key in ("encoder", "embed_mean", "embed_std")}
-    state = jax.jit(
-        # Copies: the step donates the state, and these buffers are also the anchor's.
-        lambda encoder: EMATrainState.create(jax.tree.map(jnp.copy, encoder), tx),
-        out_shardings=sharding.replicated(mesh),
-    )(params["encoder"]["params"])
-    jitted = train.jit_step(
-        functools.partial(
-            encoder_invariance_step,
-            model=model,
-            corrupted_weight=config.corrupted_weight,
-            min_contrast=config.min_contrast,
-            max_noise_std=config.max_noise_std,
-            ema_decay=config.ema_decay,
-        ),
-        mesh,
-        num_static_args=1,
-    )
-    anchor = jax.device_put(anchor, sharding.replicated(mesh))
-    encoder = _fit_phase(
-        "encoder_invariance",
-        state,
-        lambda state_, batch, rng: jitted(state_, anchor, batch, rng),
-        dataset,
-        config,
-        seed + 3,
-        directory,
-        mesh,
-        writer,
-    )
-    return {**params, "encoder": {**params["encoder"], "params": encoder}}
 
 
 def train_generator(
@@ -218,14 +168,14 @@ def train_generator(
     # Conditioning on embeddings of corrupted sources while denoising the clean image teaches
     # the UNet to render what an image shows, not the overlay on it: the encoder's features
     # still carry a blend's lower contrast, which a variation would otherwise reproduce.
-    cond_corruption = gen_config.get("cond_corruption", 0.0)
+    condition_corruption = gen_config.condition_corruption
     encoded = encode_dataset(
         model,
         params,
         dataset,
         gen_config.encode_batch_size,
         mesh,
-        corrupted_copies=CORRUPTED_COPIES if cond_corruption else 0,
+        corrupted_copies=CORRUPTED_COPIES if condition_corruption else 0,
         seed=seed + 2,
     )
     features = encoded["features"]
@@ -241,7 +191,7 @@ def train_generator(
         "embedding": (features - embed_mean) / embed_std,
         "label": dataset.labels,
     }
-    if cond_corruption:
+    if condition_corruption:
         fields["corrupted_embedding"] = (encoded["corrupted_features"] - embed_mean) / embed_std
     denoiser = train_denoiser(
         model,
@@ -252,7 +202,7 @@ def train_generator(
         mesh,
         writer,
         seed,
-        cond_corruption=cond_corruption,
+        condition_corruption=condition_corruption,
     )
     return {
         **params,

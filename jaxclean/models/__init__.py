@@ -31,14 +31,7 @@ def make_classifier(name: str, num_classes: int, **kwargs):
 
 
 def classifier_from_recipe(recipe, num_classes: int):
-    """The linen module a classifier recipe (`configs.common.classifier_recipe`) names.
-
-    standardize_input is read only when the recipe has it, so that recipes recorded before it
-    existed build the same module.
-    """
+    """The linen module a classifier recipe (`configs.common.classifier_recipe`) names."""
     return make_classifier(
-        recipe.model,
-        num_classes,
-        width=recipe.width,
-        standardize_input=recipe.get("standardize_input", False),
+        recipe.model, num_classes, width=recipe.width, standardize_input=recipe.standardize_input
     )

@@ -45,7 +45,9 @@ def figures(results: dict) -> dict:
 
 def smoke_figures(workdir: str, data_dir: str) -> dict:
     """Every stage of the smoke config, through launch.py on one CPU device; its figures."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(
+        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1"
+    )
     result = subprocess.run(
         [
             sys.executable,
@@ -70,29 +72,28 @@ def smoke_figures(workdir: str, data_dir: str) -> dict:
 
 def shipped_variations():
     """Variations of 16 synthetic images by the shipped generator, with the Fashion-MNIST
-    configs' sampler settings, on one device."""
+    configs' sampler settings and post-processing, on one device."""
+    import jax
     import numpy as np
     from conftest import synthetic_images
 
-    import flax.serialization
-    import jax
-
     from configs import fashion_mnist_badnets
-    from jaxclean import generation, sharding
-    from jaxclean.diffusion import generator, sampler
+    from jaxclean import checkpointing, sharding
+    from jaxclean.diffusion import registry, sampler
+    from jaxclean.diffusion.postprocess import Postprocess
+    from jaxclean.stages.generator import EXPORT_FILE
 
     config = fashion_mnist_badnets.get_config()
     images, labels = synthetic_images(16, seed=3)
-    model = generator.build(config.generator, (28, 28, 1), 10)
-    path = os.path.join(config.generator.pretrained, generation.EXPORT_FILE)
-    with open(path, "rb") as f:
-        params = flax.serialization.msgpack_restore(f.read())
-    settings = generation.settings_from_config(config.regenerate)
+    model = registry.get(config.generator.name).build(config.generator, (28, 28, 1), 10)
+    with open(os.path.join(config.generator.pretrained, EXPORT_FILE), "rb") as f:
+        params = checkpointing.from_safetensors(f.read())
+    settings = sampler.SamplerSettings.from_config(config.regenerate)
     mesh = sharding.make_mesh(jax.local_devices()[:1])
     sample = sampler.make_sampler(model, settings, mesh)
     indices = np.arange(len(images), dtype=np.int32)
     out = sample(params, images[..., None], indices, labels.astype(np.int32), jax.random.key(0))
-    return np.asarray(out)
+    return Postprocess.from_config(config.regenerate.postprocess)(np.asarray(out))
 
 
 def main():
@@ -102,7 +103,9 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = write_idx_dataset(os.path.join(tmp, "idx"))
         with open(SMOKE_METRICS, "w") as f:
-            json.dump(smoke_figures(os.path.join(tmp, "run"), data_dir), f, indent=1, sort_keys=True)
+            json.dump(
+                smoke_figures(os.path.join(tmp, "run"), data_dir), f, indent=1, sort_keys=True
+            )
     np.savez_compressed(SHIPPED_VARIATIONS, images=shipped_variations())
     print(f"wrote {SMOKE_METRICS} and {SHIPPED_VARIATIONS}")
 

@@ -1,4 +1,14 @@
-"""The report: WORKDIR/report/results.json, shared by every stage, and its printed table."""
+"""WORKDIR/report/results.json, which every stage adds its figures to, and its views: the
+printed table, results.md and the metrics figure.
+
+results.json (schema version RESULTS_SCHEMA_VERSION; docs/results.md describes each field):
+  schema_version  the layout below
+  experiment      the run: data, attack, poisoned count, devices
+  models          per model: clean_accuracy, attack_success_rate, untriggered_target_rate,
+                  robust_accuracy, defense_effectiveness_rate (after the report stage),
+                  wall_seconds, train_images_per_second
+  diagnostics     per measurement, prefixed with the regeneration's name
+"""
 
 from __future__ import annotations
 
@@ -7,13 +17,17 @@ import os
 
 from jaxclean.artifacts import atomic_write_bytes, atomic_write_json, read_json
 
+# The layout of results.json; raise it when a field is renamed or changes meaning.
+RESULTS_SCHEMA_VERSION = 1
+SECTIONS = ("experiment", "models", "diagnostics")
+
 METRICS = (
     ("clean_accuracy", "CA"),
     ("attack_success_rate", "ASR"),
     ("robust_accuracy", "RA"),
 )
 # Printed beside them: ASR's own floor, the target rate on the same images without the trigger
-# (evaluate.metrics_from_predictions). Absent from models evaluated before it existed.
+# (evaluate.metrics_from_predictions).
 TABLE_METRICS = (*METRICS, ("untriggered_target_rate", "ASR0"))
 
 
@@ -39,14 +53,17 @@ def results_path(workdir: str) -> str:
     return os.path.join(workdir, "report", "results.json")
 
 
-def read_results(workdir: str) -> dict:
+def read(workdir: str) -> dict:
+    """results.json, or its empty layout when no stage has written it yet."""
     path = results_path(workdir)
-    if os.path.exists(path):
-        return read_json(path)
-    return {"experiment": {}, "models": {}, "diagnostics": {}}
+    results = read_json(path) if os.path.exists(path) else {}
+    for section in SECTIONS:
+        results.setdefault(section, {})
+    results["schema_version"] = RESULTS_SCHEMA_VERSION
+    return results
 
 
-def update_results(
+def update(
     workdir: str,
     experiment: dict | None = None,
     models: dict | None = None,
@@ -57,7 +74,7 @@ def update_results(
     Only process 0 calls this: stages run the same computation on every process, and one
     writer keeps the file whole.
     """
-    results = read_results(workdir)
+    results = read(workdir)
     if experiment:
         results["experiment"] = experiment
     for section, entries in (("models", models), ("diagnostics", diagnostics)):
@@ -98,7 +115,7 @@ def add_defense_effectiveness(results: dict) -> dict:
 
 def finalize(workdir: str) -> None:
     """DER into results.json, then results.md and the metrics figure."""
-    results = add_defense_effectiveness(read_results(workdir))
+    results = add_defense_effectiveness(read(workdir))
     atomic_write_json(results_path(workdir), results)
     write_markdown(workdir)
     save_metrics_figure(results, os.path.join(workdir, "report", "metrics.png"))
@@ -143,7 +160,7 @@ def save_metrics_figure(results: dict, path: str) -> None:
 
 def write_markdown(workdir: str) -> str:
     """report/results.md: the table, the experiment summary and the diagnostics."""
-    results = read_results(workdir)
+    results = read(workdir)
     lines = [
         "# Results",
         "",
@@ -158,7 +175,7 @@ def write_markdown(workdir: str) -> str:
             f"| {name} | " + " | ".join(cells) + f" | {metrics.get('wall_seconds', '-')} |"
         )
     lines += ["", "## Experiment", ""]
-    lines += [f"- {k}: {v}" for k, v in results.get("experiment", {}).items()]
+    lines += [f"- {k}: {v}" for k, v in results["experiment"].items()]
     if results.get("diagnostics"):
         lines += ["", "## Diagnostics", ""]
         lines += [f"- {k}: {v}" for k, v in results["diagnostics"].items()]

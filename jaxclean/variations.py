@@ -1,4 +1,4 @@
-"""The regeneration driver: a variation of every training image, in resumable shards.
+"""The variations dataset on disk: resumable shards, and the driver that fills them.
 
 Shard s holds the images with indices [s * shard_size, (s + 1) * shard_size). Processes take
 shards round-robin and sample them on their own devices: regeneration needs no communication
@@ -12,7 +12,8 @@ another attack (the clean majority of the images is the same) may reuse the vari
 another run made with the same generator and sampler settings: a row whose source digest
 matches is copied, the rest are sampled. Since an image's variation depends only on its
 source, label, index and the seed, a copied row is the row this run would have sampled. The
-one setting that may differ is a higher black level: raising it is applied to the copied rows.
+post-processing (`jaxclean.diffusion.postprocess`) is applied to every row written, copied or
+sampled, so a source post-processed by a step this run's covers gives the same rows.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import numpy as np
 from jaxclean import faults, sharding
 from jaxclean.artifacts import atomic_write_bytes
 from jaxclean.data import ImageDataset
-from jaxclean.diffusion.sampler import apply_black_level
 from jaxclean.metrics import progress
 
 
@@ -68,17 +68,12 @@ def source_digests(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def read_shard(path: str, expected: np.ndarray, image_shape) -> dict | None:
-    """The shard's arrays, or None when it is absent, unreadable or not the expected rows.
-
-    `source_digests` is there only in shards written since digests were recorded.
-    """
+    """The shard's arrays, or None when it is absent, unreadable or not the expected rows."""
     if not os.path.exists(path):
         return None
     try:
         with np.load(path) as f:
-            arrays = {k: f[k] for k in ("images", "labels", "indices")}
-            if "source_digests" in f.files:
-                arrays["source_digests"] = f["source_digests"]
+            arrays = {k: f[k] for k in ("images", "labels", "indices", "source_digests")}
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
         return None
     if not np.array_equal(arrays["indices"], expected):
@@ -138,8 +133,8 @@ def regenerate(
     per_device_batch: int,
     seed: int,
     mesh,
+    postprocess=None,
     reuse_from: str = "",
-    reuse_black_level: int = 0,
     description: str = "regenerate",
 ) -> dict:
     """Writes a variation of every image of `dataset` under directory/shards/.
@@ -153,11 +148,12 @@ def regenerate(
       per_device_batch: rows each device samples per call.
       seed: the key every image's randomness folds from.
       mesh: this process's devices.
+      postprocess: uint8 pixels -> uint8 pixels, applied to every row of a shard before it is
+        written (None: none).
       reuse_from: "" or the directory of variations made by the same generator and sampler
-        settings (the caller checks that) with the same shard size: rows whose source digest
-        matches are copied from it instead of sampled.
-      reuse_black_level: the sampler's black level, applied to the copied rows (made with the
-        same or a lower one; the caller checks that).
+        settings, post-processed by a step `postprocess` covers (the caller checks that), with
+        the same shard size: rows whose source digest matches are copied from it instead of
+        sampled.
 
     Returns:
       {"images_per_second", "shards_written", "shards_skipped", "images_reused"} for this
@@ -188,7 +184,6 @@ def regenerate(
             )
         digests = source_digests(dataset.images[indices], dataset.labels[indices])
         images, copied = _reusable_rows(reuse_from, shard, indices, digests, dataset.image_shape)
-        images[copied] = np.asarray(apply_black_level(images[copied], reuse_black_level))
         bar.update(int(copied.sum()))
         todo = indices[~copied]
         if len(todo):
@@ -203,6 +198,8 @@ def regenerate(
                 mesh,
                 on_batch=bar.update,
             )
+        if postprocess is not None:
+            images = postprocess(images)
         generated += len(todo)
         reused += int(copied.sum())
         write_shard(path, images, dataset.labels[indices], indices, digests)
@@ -226,10 +223,10 @@ def _reusable_rows(reuse_from: str, shard: int, indices, digests, image_shape):
     if not reuse_from:
         return images, copied
     other = read_shard(shard_path(reuse_from, shard), indices, image_shape)
-    if other is None or "source_digests" not in other:
+    if other is None:
         raise VariationsError(
-            f"cannot reuse shard {shard} of {reuse_from}: it is missing, unreadable, holds "
-            "other rows (another shard size or image count) or predates source digests"
+            f"cannot reuse shard {shard} of {reuse_from}: it is missing, unreadable, or holds "
+            "other rows (another shard size or image count)"
         )
     copied = other["source_digests"] == digests
     images[copied] = other["images"][copied]

@@ -1,4 +1,5 @@
-"""The regeneration engine: identical output across devices, processes, batches and crashes."""
+"""The variations dataset and its driver: identical output across devices, processes, batches
+and crashes; what may be reused from another run."""
 
 import os
 import shutil
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from jaxclean import regenerate
+from jaxclean import variations
 
 WORKER = os.path.join(REPO, "tests", "regen_worker.py")
 NUM_IMAGES, SHARD_SIZE = 60, 16
@@ -46,7 +47,7 @@ def run_worker(out, devices=1, env=None, **flags):
 
 
 def read_all(out) -> np.ndarray:
-    dataset = regenerate.load_variations(
+    dataset = variations.load_variations(
         str(out), NUM_IMAGES, SHARD_SIZE, (28, 28, 1), "0123456789"
     )
     return dataset.images
@@ -114,7 +115,7 @@ def test_kill_then_rerun_gives_the_identical_dataset(reference, tmp_path):
     assert code == -9
     done = sorted(os.listdir(tmp_path / "shards"))
     assert done == ["shard-00000.npz", "shard-00001.npz"]
-    with pytest.raises(regenerate.VariationsError, match="shard 2 is missing"):
+    with pytest.raises(variations.VariationsError, match="shard 2 is missing"):
         read_all(tmp_path)
     code, stdout, stderr = run_worker(tmp_path)
     assert code == 0, stderr[-3000:]
@@ -127,7 +128,7 @@ def test_truncated_shard_is_detected_and_redone(reference, tmp_path):
     shutil.copytree(reference[0], tmp_path, dirs_exist_ok=True)
     shard = tmp_path / "shards" / "shard-00002.npz"
     shard.write_bytes(shard.read_bytes()[:500])
-    with pytest.raises(regenerate.VariationsError, match="shard 2"):
+    with pytest.raises(variations.VariationsError, match="shard 2"):
         read_all(tmp_path)
     code, stdout, stderr = run_worker(tmp_path)
     assert code == 0, stderr[-3000:]
@@ -136,17 +137,18 @@ def test_truncated_shard_is_detected_and_redone(reference, tmp_path):
     np.testing.assert_array_equal(read_all(tmp_path), reference[1])
 
 
-def test_reuse_needs_a_shard_with_source_digests(tmp_path):
+def test_reuse_copies_only_rows_whose_source_and_label_match(tmp_path):
     images = np.arange(4 * 28 * 28, dtype=np.uint8).reshape(4, 28, 28, 1)
     labels, indices = np.array([0, 1, 2, 3]), np.arange(4)
-    digests = regenerate.source_digests(images, labels)
-    path = regenerate.shard_path(str(tmp_path), 0)
-    regenerate.write_shard(path, images, labels, indices, digests)
-    other_label = regenerate.source_digests(images, np.array([0, 1, 2, 4]))
-    reused, copied = regenerate._reusable_rows(str(tmp_path), 0, indices, other_label, (28, 28, 1))
+    digests = variations.source_digests(images, labels)
+    path = variations.shard_path(str(tmp_path), 0)
+    variations.write_shard(path, images, labels, indices, digests)
+    other_label = variations.source_digests(images, np.array([0, 1, 2, 4]))
+    reused, copied = variations._reusable_rows(str(tmp_path), 0, indices, other_label, (28, 28, 1))
     np.testing.assert_array_equal(copied, [True, True, True, False])  # The label counts too.
     np.testing.assert_array_equal(reused[:3], images[:3])
-    # A shard written before digests were recorded cannot say which rows match.
+    # A shard without digests cannot say which rows match: it is no shard of this layout.
     np.savez(path, images=images, labels=labels, indices=indices)
-    with pytest.raises(regenerate.VariationsError, match="predates source digests"):
-        regenerate._reusable_rows(str(tmp_path), 0, indices, digests, (28, 28, 1))
+    assert variations.read_shard(path, indices, (28, 28, 1)) is None
+    with pytest.raises(variations.VariationsError, match="missing, unreadable"):
+        variations._reusable_rows(str(tmp_path), 0, indices, digests, (28, 28, 1))
