@@ -14,6 +14,7 @@ import json
 import os
 import tempfile
 
+from jaxclean import faults
 from jaxclean.checks import ConfigError
 
 # The layout of every spec.json. Raise it when a change to what specs record would make a
@@ -29,10 +30,28 @@ class MissingStage(ConfigError):
     """A stage whose outputs another stage reads has not finished."""
 
 
+class CorruptOutput(ConfigError):
+    """A stage output that exists but cannot be read back: truncated or corrupted on disk.
+
+    Attributes:
+      path: the file or directory.
+      stage: the stage that wrote it, where the reader knows it (else the one running).
+    """
+
+    def __init__(self, path: str, detail: str, stage: str | None = None):
+        self.path, self.detail, self.stage = path, detail, stage
+        super().__init__(f"{path} is corrupt or truncated ({detail})")
+
+    def of_stage(self, stage: str) -> CorruptOutput:
+        """The same error, naming the stage that wrote the output if it was not named yet."""
+        return self if self.stage else CorruptOutput(self.path, self.detail, stage)
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Writes `data` to `path` via a temporary file and a rename: readers see all or nothing."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
+    faults.disk_full_point(path)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:

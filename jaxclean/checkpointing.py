@@ -15,11 +15,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from jaxclean import faults
+from jaxclean.artifacts import CorruptOutput
+
 
 class Checkpointer:
     """A CheckpointManager of {step, params, batch_stats, opt_state} trees."""
 
     def __init__(self, directory: str, max_to_keep: int = 2):
+        self._directory = os.path.abspath(directory)
         self._manager = ocp.CheckpointManager(
             os.path.abspath(directory),
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
@@ -29,12 +33,17 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def save(self, step: int, tree: dict) -> None:
+        faults.disk_full_point(os.path.join(self._directory, str(step)))
         self._manager.save(step, args=ocp.args.StandardSave(tree), force=True)
 
     def restore(self, step: int, like: dict) -> dict:
         """Restores `step` into arrays of the same shapes, dtypes and shardings as `like`."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-        return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        try:
+            return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        except Exception as e:  # Orbax and tensorstore raise many types for a damaged step.
+            path = os.path.join(self._directory, str(step))
+            raise CorruptOutput(path, f"checkpoint of step {step}: {_first_line(e)}") from None
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
@@ -46,6 +55,7 @@ class Checkpointer:
 def save_tree(path: str, tree) -> None:
     """Saves a pytree of arrays (e.g. final variables) to `path`, atomically."""
     path = os.path.abspath(path)
+    faults.disk_full_point(path)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(path, tree, force=True)
     checkpointer.wait_until_finished()
@@ -63,8 +73,15 @@ def load_tree(path: str, like=None):
             return checkpointer.restore(path)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         return checkpointer.restore(path, abstract)
+    except Exception as e:  # Orbax and tensorstore raise many types for damaged files.
+        raise CorruptOutput(path, f"saved weights: {_first_line(e)}") from None
     finally:
         checkpointer.close()
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
 
 
 # Separates the levels of a nested parameter tree in a safetensors key: "vae/encoder/...".

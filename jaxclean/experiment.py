@@ -42,6 +42,10 @@ class Stage:
         remakes in a second when it is missing, is not listed).
       validate: config -> None, raising ConfigError; run before any stage does any work.
       directory: config -> where its record lives, relative to the workdir (default: its name).
+      outputs: config -> what --redo removes, relative to the workdir (default: the record's
+        directory).
+      result_keys: config -> the "section/key" prefixes of its entries in results.json, which
+        --redo removes (default: "models/<name>").
     """
 
     name: str
@@ -50,9 +54,17 @@ class Stage:
     needs: Callable = _no_needs
     validate: Callable = _no_check
     directory: Callable | None = None
+    outputs: Callable | None = None
+    result_keys: Callable | None = None
 
     def record_directory(self, config) -> str:
         return self.directory(config) if self.directory else self.name
+
+    def output_paths(self, config) -> tuple[str, ...]:
+        return tuple(self.outputs(config)) if self.outputs else (self.record_directory(config),)
+
+    def result_prefixes(self, config) -> tuple[str, ...]:
+        return tuple(self.result_keys(config)) if self.result_keys else (f"models/{self.name}",)
 
 
 class Experiment:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import os
 
+from jaxclean import faults
 from jaxclean.artifacts import atomic_write_bytes, atomic_write_json, read_json
 
 # The layout of results.json; raise it when a field is renamed or changes meaning.
@@ -84,6 +85,21 @@ def update(
     return results
 
 
+def forget(workdir: str, prefixes) -> list[str]:
+    """Removes the entries whose "section/key" starts with one of `prefixes` (a stage being
+    redone); returns what it removed."""
+    results = read(workdir)
+    removed = []
+    for section in ("models", "diagnostics"):
+        for key in list(results[section]):
+            if any(f"{section}/{key}".startswith(prefix) for prefix in prefixes):
+                del results[section][key]
+                removed.append(f"{section}/{key}")
+    if removed:
+        atomic_write_json(results_path(workdir), results)
+    return removed
+
+
 def summary_table(results: dict) -> str:
     """The models' CA / ASR / RA / ASR0 as a fixed-width text table."""
     header = f"{'model':<20}" + "".join(f"{short:>8}" for _, short in TABLE_METRICS)
@@ -117,6 +133,7 @@ def finalize(workdir: str) -> None:
     """DER into results.json, then results.md and the metrics figure."""
     results = add_defense_effectiveness(read(workdir))
     atomic_write_json(results_path(workdir), results)
+    faults.kill_point("report", 1)
     write_markdown(workdir)
     save_metrics_figure(results, os.path.join(workdir, "report", "metrics.png"))
 

@@ -226,10 +226,11 @@ def load_tfds(name: str, data_dir: str | None, image_size: int | None = None, do
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # tfds raises several types for unknown names.
         # Its message lists the whole catalogue; only its suggestion is worth a line.
-        suggestion = re.search(r"Did you mean:?\s*([^\n]+)", str(e))
-        hint = f" Did you mean {suggestion.group(1).strip()}?" if suggestion else ""
+        suggestion = re.search(r"Did you mean:?\s*(?:\S+\s*->\s*)?([\w/.:-]+)", str(e))
+        hint = f"; did you mean {suggestion.group(1)}?" if suggestion else ""
+        where = data_dir or "tfds's default data_dir"
         raise data.DataError(
-            f"tfds dataset {name!r} not found in the catalogue or under {data_dir}.{hint}"
+            f"tfds dataset {name!r} is not in the catalogue or under {where}{hint}"
         ) from None
     if download:
         builder.download_and_prepare()

@@ -220,6 +220,7 @@ def fit(
             bar.set_postfix({k: f"{scalars[k]:.4f}" for k in ("loss", "accuracy") if k in scalars})
         if checkpoint_now:
             manager.save(done, checkpoint_tree(state))
+            faults.kill_point(f"{description}/checkpoint", done)  # The save still in flight.
             if epoch_done and on_epoch_end is not None:
                 on_epoch_end(epoch + 1, state)
         bar.update(1)

@@ -35,7 +35,15 @@ from jaxclean.metrics import progress
 
 
 class VariationsError(RuntimeError):
-    """A variations dataset that is missing or incomplete."""
+    """A variations dataset that is missing or incomplete.
+
+    Attributes:
+      path: the shard that is missing or unreadable.
+    """
+
+    def __init__(self, message: str, path: str = ""):
+        super().__init__(message)
+        self.path = path
 
 
 def shard_path(directory: str, shard: int) -> str:
@@ -240,11 +248,12 @@ def load_variations(
     images, labels = [], []
     for shard in range(num_shards(num_images, shard_size)):
         expected = shard_indices(shard, shard_size, num_images)
-        arrays = read_shard(shard_path(directory, shard), expected, image_shape)
+        path = shard_path(directory, shard)
+        arrays = read_shard(path, expected, image_shape)
         if arrays is None:
             raise VariationsError(
-                f"variations in {directory} are incomplete: shard {shard} is missing or "
-                "unreadable. Run --stages=regenerate to finish them."
+                f"variations in {directory} are incomplete: shard {shard} is missing or unreadable",
+                path,
             )
         images.append(arrays["images"])
         labels.append(arrays["labels"])

@@ -8,14 +8,15 @@ parameters are plain pytrees that Orbax checkpoints like any other.
 
 from __future__ import annotations
 
+import functools
 import logging
+import types
 import typing
 import warnings
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
-from diffusers.utils import logging as diffusers_logging
 
 
 class _DropFlaxDeprecation(logging.Filter):
@@ -26,19 +27,27 @@ class _DropFlaxDeprecation(logging.Filter):
         return "Flax classes are deprecated" not in record.getMessage()
 
 
-diffusers_logging.get_logger("diffusers")  # Sets up the library's handler, if not yet.
-for _handler in logging.getLogger("diffusers").handlers:
-    _handler.addFilter(_DropFlaxDeprecation())
+@functools.cache
+def _diffusers():
+    """diffusers' Flax classes, imported at first use: the import takes seconds, which a run
+    refused for bad input should not wait for."""
+    from diffusers.utils import logging as diffusers_logging
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    from diffusers import (
-        FlaxAutoencoderKL,
-        FlaxDDPMScheduler,
-        FlaxUNet2DConditionModel,
+    diffusers_logging.get_logger("diffusers")  # Sets up the library's handler, if not yet.
+    for handler in logging.getLogger("diffusers").handlers:
+        handler.addFilter(_DropFlaxDeprecation())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from diffusers import FlaxAutoencoderKL, FlaxDDPMScheduler, FlaxUNet2DConditionModel
+    return types.SimpleNamespace(
+        FlaxAutoencoderKL=FlaxAutoencoderKL,
+        FlaxDDPMScheduler=FlaxDDPMScheduler,
+        FlaxUNet2DConditionModel=FlaxUNet2DConditionModel,
     )
 
+
 if typing.TYPE_CHECKING:
+    from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPVisionConfig
 
 
@@ -99,7 +108,7 @@ def make_unet(
         attention_levels = (False,) + (True,) * (levels - 1) if levels > 1 else (True,)
     down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention_levels)
     up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention_levels))
-    return FlaxUNet2DConditionModel(
+    return _diffusers().FlaxUNet2DConditionModel(
         sample_size=sample_size,
         in_channels=in_channels,
         out_channels=in_channels,
@@ -121,7 +130,7 @@ def make_vae(
 ) -> FlaxAutoencoderKL:
     """A KL autoencoder; each level after the first halves the resolution."""
     _check_widths(block_out_channels, "VAE")
-    return FlaxAutoencoderKL(
+    return _diffusers().FlaxAutoencoderKL(
         in_channels=image_channels,
         out_channels=image_channels,
         down_block_types=("DownEncoderBlock2D",) * len(block_out_channels),
@@ -135,7 +144,7 @@ def make_vae(
 
 def alphas_cumprod(num_train_timesteps: int, beta_schedule: str) -> np.ndarray:
     """The cumulative signal fractions of diffusers' DDPM/DDIM training schedule."""
-    scheduler = FlaxDDPMScheduler(
+    scheduler = _diffusers().FlaxDDPMScheduler(
         num_train_timesteps=num_train_timesteps,
         beta_schedule=beta_schedule,
         beta_start=0.00085,
@@ -252,10 +261,10 @@ def unet_from_config(config: dict, dtype=jnp.float32) -> FlaxUNet2DConditionMode
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Hub configs carry PyTorch-only keys; those are dropped.
-        return FlaxUNet2DConditionModel.from_config(config, dtype=dtype)
+        return _diffusers().FlaxUNet2DConditionModel.from_config(config, dtype=dtype)
 
 
 def vae_from_config(config: dict) -> FlaxAutoencoderKL:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return FlaxAutoencoderKL.from_config(config)
+        return _diffusers().FlaxAutoencoderKL.from_config(config)

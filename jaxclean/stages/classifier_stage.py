@@ -15,7 +15,7 @@ from collections.abc import Callable
 import jax
 
 from jaxclean import augment, checkpointing, data, evaluate, results, steps, train
-from jaxclean.artifacts import StageRecord
+from jaxclean.artifacts import CorruptOutput, StageRecord
 from jaxclean.experiment import Experiment, log
 from jaxclean.models import classifier_from_recipe
 
@@ -176,4 +176,7 @@ def load_classifier(exp: Experiment, name: str, recipe, num_classes: int):
     """The (module, variables) a finished classifier stage exported."""
     finished = exp.upstream(name)
     model = classifier_from_recipe(recipe, num_classes)
-    return model, checkpointing.load_tree(finished.path("model"))
+    try:
+        return model, checkpointing.load_tree(finished.path("model"))
+    except (CorruptOutput, FileNotFoundError) as e:
+        raise CorruptOutput(finished.path("model"), str(e), stage=name) from None

@@ -199,33 +199,32 @@ def _adoptable_stage(source: str, name: str, training: dict) -> str:
     return theirs.directory
 
 
-def _needs_teacher_and_variations(config) -> tuple[str, ...]:
-    return ("teacher", "regenerate")
-
-
 TEACHER = Stage(
-    "teacher", "cross-entropy on the poisoned set (no defense)", run_teacher,
+    "teacher",
+    "cross-entropy on the poisoned set (no defense)",
+    run_teacher,
+    needs=lambda config: ("poison",),
     validate=validate_teacher,
-)  # fmt: skip
+)
 STUDENT = Stage(
     "student",
     "the method: distillation from the teacher on the variations",
     run_student,
-    needs=_needs_teacher_and_variations,
+    needs=lambda config: ("poison", "teacher", "regenerate"),
     validate=validate_student,
 )
 VARIATIONS_ONLY = Stage(
     "variations_only",
     "baseline: cross-entropy on the variations, no teacher",
     run_variations_only,
-    needs=lambda config: ("regenerate",),
+    needs=lambda config: ("poison", "regenerate"),
     validate=validate_baselines,
 )
 KD_ON_ORIGINAL = Stage(
     "kd_on_original",
     "baseline: the same distillation on the poisoned originals",
     run_kd_on_original,
-    needs=lambda config: ("teacher",),
+    needs=lambda config: ("poison", "teacher"),
 )
 TRUSTED_ONLY = Stage(
     "trusted_only", "baseline: cross-entropy on the trusted split alone", run_trusted_only

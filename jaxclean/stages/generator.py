@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from jaxclean import checkpointing, images, sharding, steps
-from jaxclean.artifacts import FinishedStage, atomic_write_bytes, differences
+from jaxclean.artifacts import CorruptOutput, FinishedStage, atomic_write_bytes, differences
 from jaxclean.checks import ConfigError
 from jaxclean.data import ImageDataset
 from jaxclean.diffusion import hub, registry, trainer
@@ -213,8 +213,8 @@ def load_generator_params(model, path: str) -> dict:
         raise ConfigError(f"no generator checkpoint at {path}: run --stages=generator first")
     try:
         params = checkpointing.load_tree(path)
-    except Exception as e:  # Orbax raises various types for unreadable trees.
-        raise ConfigError(f"cannot read generator checkpoint {path}: {e}") from e
+    except CorruptOutput as e:
+        raise CorruptOutput(path, e.detail, stage="generator") from None
     return check_generator_params(model, params, path)
 
 
@@ -296,13 +296,21 @@ def save_samples(exp: Experiment, model, params, split: ImageDataset, path: str)
     images.save_png(path, images.grid(rows))
 
 
+def _reads_poison(config) -> tuple[str, ...]:
+    trained = _trains_here(config) and config.generator.train_split == "poisoned_train"
+    return ("poison",) if trained else ()
+
+
 def _needs_encoder(config) -> tuple[str, ...]:
     trained = _trains_here(config) and not config.generator.pretrained
-    return ("encoder",) if trained else ()
+    return _reads_poison(config) + (("encoder",) if trained else ())
 
 
 ENCODER = Stage(
-    "encoder", "the generator's semantic encoder, trained on the trusted split", run_encoder
+    "encoder",
+    "the generator's semantic encoder, trained on the trusted split",
+    run_encoder,
+    needs=_reads_poison,
 )
 GENERATOR = Stage(
     "generator",
@@ -310,4 +318,5 @@ GENERATOR = Stage(
     run_generator,
     needs=_needs_encoder,
     validate=validate,
+    result_keys=lambda config: (),
 )

@@ -50,4 +50,5 @@ STAGE = Stage(
     "poisons the training set and records the plan; refuses a plan that would differ",
     run,
     validate=validate,
+    result_keys=lambda config: (),
 )

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from jaxclean import checks, images, results, sharding, variations
-from jaxclean.artifacts import FinishedStage, atomic_write_bytes, differences
+from jaxclean.artifacts import CorruptOutput, FinishedStage, atomic_write_bytes, differences
 from jaxclean.checks import ConfigError
 from jaxclean.data import ImageDataset
 from jaxclean.diffusion import sampler as sampler_lib
@@ -168,7 +168,7 @@ def finished_variations(exp: Experiment) -> tuple[ImageDataset, str]:
     try:
         dataset = load_variations(exp)
     except variations.VariationsError as e:
-        raise ConfigError(str(e)) from e
+        raise CorruptOutput(e.path, str(e), stage="regenerate") from None
     return dataset, record.spec_fingerprint
 
 
@@ -226,7 +226,8 @@ STAGE = Stage(
     "regenerate",
     "a variation of every training image, in resumable shards",
     run,
-    needs=lambda config: ("generator",),
+    needs=lambda config: ("poison", "generator"),
     validate=validate,
     directory=directory,
+    result_keys=lambda config: (f"diagnostics/{config.regenerate.name}/sampler_images_per_second",),
 )

@@ -57,7 +57,34 @@ def run(exp: Experiment) -> None:
 
 
 def _needs(config) -> tuple[str, ...]:
-    return () if config.attack.name == "none" else ("teacher", "regenerate")
+    return () if config.attack.name == "none" else ("poison", "teacher", "regenerate")
+
+
+# The families of figures the stage writes, under the regeneration's name.
+FAMILIES = (
+    "content_kept",
+    "artefact_activation",
+    "trigger_survival",
+    "trigger_learnability",
+    "trigger_detectability",
+    "test_subset_size",
+    "triggered_subset_size",
+)
+
+
+def _outputs(config) -> tuple[str, ...]:
+    cached = regenerate.directory(config)
+    return (
+        "learnability",
+        "detectability",
+        f"{cached}/test_variations.npz",
+        f"{cached}/clean_twins.npz",
+    )
+
+
+def _result_keys(config) -> tuple[str, ...]:
+    name = config.regenerate.name
+    return ("diagnostics/learnability/", *(f"diagnostics/{name}/{f}" for f in FAMILIES))
 
 
 STAGE = Stage(
@@ -67,4 +94,6 @@ STAGE = Stage(
     run,
     needs=_needs,
     validate=validate,
+    outputs=_outputs,
+    result_keys=_result_keys,
 )
