@@ -46,8 +46,10 @@ demo: install dataset
 	  --stages=$(DEMO_STAGES)
 
 # With the [bench] extra (CPU torch): the Flax components are checked against PyTorch's.
+# Two workers: most tests compile or wait on a subprocess, so two keep two cores busy; the
+# tests of the one smoke run share a worker (tests/conftest.py).
 test: install-bench
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 
 # The inner loop: every test but those marked slow (subprocess runs, stage runs, training).
 test-fast: install-bench

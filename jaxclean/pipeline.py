@@ -134,8 +134,9 @@ def dependents(config, name: str) -> list[str]:
 def missing_upstream(
     config, workdir: str, names: list[str], cleared: frozenset = frozenset()
 ) -> dict[str, list[str]]:
-    """For each requested stage, the stages it needs (directly or through another) that are
-    neither finished in the workdir (and not about to be cleared) nor requested before it."""
+    """For each requested stage, the stages it needs that are neither finished in the workdir
+    (and not about to be cleared) nor requested before it, and, through those, what they
+    need in turn (a finished stage's own inputs are not asked for again)."""
     finished = {
         name
         for name, stage in STAGES.items()
@@ -145,9 +146,15 @@ def missing_upstream(
     missing = {}
     for position, name in enumerate(names):
         available = finished | set(names[:position]) | set(MADE_ON_DEMAND)
-        wanted = [n for n in _needs_closure(config, name) if n not in available]
+        wanted, todo = [], list(STAGES[name].needs(config))
+        while todo:
+            need = todo.pop()
+            if need in available or need in wanted:
+                continue
+            wanted.append(need)
+            todo += STAGES[need].needs(config)
         if wanted:
-            missing[name] = wanted
+            missing[name] = [n for n in STAGES if n in wanted]
     return missing
 
 

@@ -30,9 +30,20 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 NUM_CLASSES = 10
 
 
+@pytest.hookimpl(tryfirst=True)  # Before xdist reads the groups.
+def pytest_collection_modifyitems(config, items):
+    """With pytest-xdist's --dist loadgroup (make test), one worker takes every test of the
+    smoke run, so it runs once, and each module's tests stay together with its fixtures."""
+    del config
+    for item in items:
+        group = "smoke_run" if "smoke_run" in item.fixturenames else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 def pytest_sessionfinish(session, exitstatus):
     del session, exitstatus
-    shutil.rmtree(_XLA_CACHE, ignore_errors=True)
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # The controller: after every worker is done.
+        shutil.rmtree(_XLA_CACHE, ignore_errors=True)
 
 
 def synthetic_images(num: int, seed: int, size: int = 28) -> tuple[np.ndarray, np.ndarray]:
