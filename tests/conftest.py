@@ -121,6 +121,17 @@ def smoke_config(data_dir: str, **teacher):
     return config
 
 
+def blended_reusing(data_dir: str, workdir: str, reuse_from: str = ""):
+    """The smoke config under a Blended attack, adopting `workdir`'s generator and reusing
+    the variations in `reuse_from` (when given): another attack on the same data."""
+    config = smoke_config(data_dir)
+    config.attack.name = "blended"
+    config.attack.trigger = dict(pattern="noise", ratio=0.2, noise_seed=42)
+    config.generator.pretrained = os.path.join(workdir, "generator")
+    config.regenerate.reuse_from = reuse_from
+    return config
+
+
 @pytest.fixture(scope="session")
 def smoke_run(idx_dir, tmp_path_factory):
     """Every stage of the smoke config, once, through launch.py; tests copy what they change."""

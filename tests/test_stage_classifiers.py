@@ -10,7 +10,7 @@ import types
 import jax
 import numpy as np
 import pytest
-from conftest import run_launch, smoke_args, smoke_config
+from conftest import blended_reusing, run_launch, smoke_args, smoke_config
 
 from configs import common
 from jaxclean import checkpointing, pipeline, steps
@@ -233,10 +233,10 @@ def test_attack_free_classifiers_of_another_attack_are_adopted_not_retrained(
     workdir, _ = smoke_run
     stages = "clean_reference,trusted_only"
     adopting, fresh = str(tmp_path / "adopting"), str(tmp_path / "fresh")
-    config = _blended_reusing(idx_dir, workdir)
+    config = blended_reusing(idx_dir, workdir)
     config.reuse_attack_free_from = workdir
     adopted = pipeline.run(config, adopting, stages)["models"]
-    trained = pipeline.run(_blended_reusing(idx_dir, workdir), fresh, stages)["models"]
+    trained = pipeline.run(blended_reusing(idx_dir, workdir), fresh, stages)["models"]
     source = json.load(open(os.path.join(workdir, "report", "results.json")))["models"]
     for name in ("clean_reference", "trusted_only"):
         assert not os.path.exists(os.path.join(adopting, name, "checkpoints"))
@@ -250,21 +250,12 @@ def test_attack_free_classifiers_of_another_attack_are_adopted_not_retrained(
         # The same weights: the same clean accuracy.
         assert adopted[name]["clean_accuracy"] == source[name]["clean_accuracy"]
 
-    otherwise = _blended_reusing(idx_dir, workdir)
+    otherwise = blended_reusing(idx_dir, workdir)
     otherwise.reuse_attack_free_from = workdir
     otherwise.baselines.num_epochs += 1
     with pytest.raises(pipeline.ConfigError, match="trained otherwise.*num_epochs"):
         pipeline.run(otherwise, str(tmp_path / "otherwise"), "clean_reference")
-    nowhere = _blended_reusing(idx_dir, workdir)
+    nowhere = blended_reusing(idx_dir, workdir)
     nowhere.reuse_attack_free_from = str(tmp_path / "nowhere")
     with pytest.raises(pipeline.ConfigError, match="no finished clean_reference"):
         pipeline.run(nowhere, str(tmp_path / "nowhere_run"), "clean_reference")
-
-
-def _blended_reusing(idx_dir, workdir, reuse_from=""):
-    config = smoke_config(idx_dir)
-    config.attack.name = "blended"
-    config.attack.trigger = dict(pattern="noise", ratio=0.2, noise_seed=42)
-    config.generator.pretrained = os.path.join(workdir, "generator")
-    config.regenerate.reuse_from = reuse_from
-    return config
