@@ -14,7 +14,13 @@ hub's layout via --config.generator.model). Meant for GPUs or TPUs.
 
 from configs import common
 
-ATTACKS = {"badnets": common.badnets_attack, "blended": common.blended_attack}
+ATTACKS = {
+    "badnets": common.badnets_attack,
+    "blended": common.blended_attack,
+    "wanet": common.wanet_attack,
+    "sig": common.sig_attack,
+    "bpp": common.bpp_attack,
+}
 
 
 def get_config(arg="badnets"):

@@ -119,7 +119,10 @@ def attack_config(name: str, trigger: dict) -> ml_collections.ConfigDict:
         dict(
             name=name,  # A key of jaxclean.attacks.ATTACKS, or "none".
             target=0,  # The class poisoned images are relabelled to.
-            rate=0.1,  # Poisoned share: ceil(rate * training images) are poisoned.
+            rate=0.1,  # Poisoned share: ceil(rate * N) images are poisoned, N as rate_of says.
+            # "eligible": N is the images the attack may poison (the official code's count);
+            # "all": every training image (BackdoorBench's). docs/attacks.md.
+            rate_of="eligible",
             include_target=False,  # Also poison images already of the target class.
             seed=0,  # Chooses the poisoned images.
             trigger=trigger,  # The attack's own parameters (its class in jaxclean.attacks).

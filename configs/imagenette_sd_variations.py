@@ -26,6 +26,9 @@ IMAGENETTE_CLASSES = (
 ATTACKS = {
     "badnets": lambda: common.badnets_attack(size=9),
     "blended": common.blended_attack,
+    "wanet": common.wanet_attack,
+    "sig": common.sig_attack,
+    "bpp": common.bpp_attack,
 }
 
 

@@ -39,7 +39,8 @@ class Augment:
 
 
 def normalize(images: jax.Array) -> jax.Array:
-    """uint8 [0, 255] to float32 [-1, 1], the range the generators use too."""
+    """Images in [0, 255] (uint8, or float for unquantized triggered test images) to float32
+    [-1, 1], the range the generators use too."""
     return images.astype(jnp.float32) / 127.5 - 1.0
 
 

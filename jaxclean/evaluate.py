@@ -41,7 +41,7 @@ def classifier_predictions(
     if triggered is None:
         return Predictions(clean, None)
     return Predictions(
-        clean, predictions(predict_fn, variables, triggered.robust.images, batch_size, mesh)
+        clean, predictions(predict_fn, variables, triggered.images, batch_size, mesh)
     )
 
 
@@ -63,12 +63,10 @@ def metrics_from_predictions(
     results = {"clean_accuracy": accuracy(predicted.clean, test.labels)}
     if triggered is not None:
         results["untriggered_target_rate"] = accuracy(
-            predicted.clean[triggered.source_indices], triggered.attack_success.labels
+            predicted.clean[triggered.source_indices], triggered.target_labels
         )
-        results["attack_success_rate"] = accuracy(
-            predicted.triggered, triggered.attack_success.labels
-        )
-        results["robust_accuracy"] = accuracy(predicted.triggered, triggered.robust.labels)
+        results["attack_success_rate"] = accuracy(predicted.triggered, triggered.target_labels)
+        results["robust_accuracy"] = accuracy(predicted.triggered, triggered.true_labels)
     return results
 
 

@@ -52,7 +52,7 @@ RECIPES = {
 
 def print_by_class(exp, predicted: evaluate.Predictions) -> None:
     triggered = exp.triggered
-    labels = triggered.robust.labels
+    labels = triggered.true_labels
     rates = evaluate.target_rates_by_class(
         predicted.clean[triggered.source_indices],
         predicted.triggered,

@@ -1,11 +1,12 @@
-"""Triggers against hand-computed pixels, and the poison plan's count, determinism and scope."""
+"""The poison plan (count, draw, labels, scope), the triggered test sets, BadNets and Blended
+against hand-computed pixels and against the official code's semantics."""
 
 import math
 
-import ml_collections
 import numpy as np
 import pytest
 
+from configs import common
 from jaxclean import attacks
 from jaxclean.data import ImageDataset
 
@@ -15,7 +16,8 @@ def test_checkerboard_patch_matches_hand_computed_pixels():
     images = np.full((1, 5, 5, 1), 100, np.uint8)
     out = trigger.apply(images, np.array([0]))
     expected = np.full((5, 5), 100, np.uint8)
-    # (row + col) % 2 == 0 is black, starting at the patch's top-left corner (2, 2).
+    # (row + col) % 2 == 0 is black, starting at the patch's top-left corner (2, 2), as the
+    # official `np.indices(...).sum(0) % 2`.
     expected[2:, 2:] = [[0, 255, 0], [255, 0, 255], [0, 255, 0]]
     np.testing.assert_array_equal(out[0, ..., 0], expected)
     np.testing.assert_array_equal(images, 100)  # The input is left alone.
@@ -29,8 +31,10 @@ def test_solid_and_coloured_patterns():
     red = attacks.BadNets(pattern="#ff0000", size=1).apply(rgb, np.array([0]))
     np.testing.assert_array_equal(red[0, 3, 3], [255, 0, 0])
     two = attacks.BadNets(pattern="checkerboard_#102030_#a0b0c0", size=2).apply(rgb, np.array([0]))
-    np.testing.assert_array_equal(two[0, 2, 2], [0x10, 0x20, 0x30])
-    np.testing.assert_array_equal(two[0, 2, 3], [0xA0, 0xB0, 0xC0])
+    # The official order: the second colour where row + col is even, the first elsewhere.
+    np.testing.assert_array_equal(two[0, 2, 2], [0xA0, 0xB0, 0xC0])
+    np.testing.assert_array_equal(two[0, 3, 3], [0xA0, 0xB0, 0xC0])
+    np.testing.assert_array_equal(two[0, 2, 3], [0x10, 0x20, 0x30])
     black = attacks.BadNets(pattern="black", size=2).apply(
         np.full((1, 3, 3, 1), 9, np.uint8), np.array([0])
     )
@@ -57,14 +61,50 @@ def test_random_location_is_deterministic_per_image_and_varies():
     assert (first.reshape(20, -1) == 255).sum(axis=1).tolist() == [4] * 20
 
 
-def test_blended_noise_matches_formula():
+def _official_blend(images: np.ndarray, ratio: float, seed: int = 42):
+    """The official BlendedBackdoor, written out from its code, with torch's own generator:
+    (training images, test images in [0, 1])."""
+    torch = pytest.importorskip("torch")
+    size = images.shape[1]
+    trigger = torch.randint(0, 255, (size, size, 3), generator=torch.Generator().manual_seed(seed))
+    trigger = trigger / 255.0
+    train = ((1 - ratio) * images + ratio * trigger.numpy() * 255).astype(np.uint8)
+    tensors = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0  # ToTensor.
+    test = (1 - ratio) * tensors + ratio * trigger.permute(2, 0, 1)
+    return train, test.permute(0, 2, 3, 1).numpy()
+
+
+def test_blended_pattern_is_the_official_torch_pattern():
+    torch = pytest.importorskip("torch")
+    for size, seed in ((32, 42), (28, 42), (5, 7)):
+        expected = torch.randint(
+            0, 255, (size, size, 3), generator=torch.Generator().manual_seed(seed)
+        )
+        ours = attacks.blended.official_noise(size, size, seed)
+        np.testing.assert_array_equal(ours, (expected / 255.0).numpy())
+        assert ours.max() <= 254 / 255
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.1, 0.15])
+def test_blended_images_are_the_official_formula_pixel_for_pixel(ratio):
+    images = np.random.default_rng(1).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    official_train, official_test = _official_blend(images, ratio)
+    trigger = attacks.Blended(pattern="noise", ratio=ratio, noise_seed=42)
+    np.testing.assert_array_equal(trigger.apply(images, np.arange(16)), official_train)
+    # Test images stay float, as the official tensors do (here in [0, 255]).
+    test = trigger.apply_test(images, np.arange(16))
+    assert test.dtype == np.float32
+    np.testing.assert_allclose(test / 255.0, official_test, rtol=0, atol=1e-6)
+    assert not np.array_equal(test, np.round(test))  # Unquantized.
+
+
+def test_blended_on_grey_images_blends_the_patterns_luma():
     trigger = attacks.Blended(pattern="noise", ratio=0.2, noise_seed=42)
-    images = np.full((2, 4, 4, 1), 50, np.uint8)
-    pattern = np.random.RandomState(42).randint(0, 256, size=(4, 4, 1))
-    expected = np.round(0.8 * 50 + 0.2 * pattern).astype(np.uint8)
-    out = trigger.apply(images, np.arange(2))
-    np.testing.assert_array_equal(out[0], expected)
-    np.testing.assert_array_equal(out[1], expected)
+    grey = np.random.default_rng(2).integers(0, 256, (3, 6, 6, 1), dtype=np.uint8)
+    rgb = attacks.blended.official_noise(6, 6, 42).astype(np.float64)
+    luma = (rgb @ np.array([299.0, 587.0, 114.0]) / 1000.0)[..., None]
+    expected = (0.8 * grey + 0.2 * luma.astype(np.float32) * 255).astype(np.uint8)
+    np.testing.assert_array_equal(trigger.apply(grey, np.arange(3)), expected)
 
 
 def test_blended_image_file_pattern(tmp_path):
@@ -79,16 +119,8 @@ def test_blended_image_file_pattern(tmp_path):
 
 
 def attack_config(**overrides):
-    config = ml_collections.ConfigDict(
-        dict(
-            name="badnets",
-            target=0,
-            rate=0.1,
-            include_target=False,
-            seed=3,
-            trigger=dict(pattern="checkerboard", size=3, location="bottom_right", seed=0),
-        )
-    )
+    config = common.badnets_attack()
+    config.seed = 3
     config.update(overrides)
     return config
 
@@ -103,7 +135,7 @@ def dataset(num=200):
 def test_poison_plan_count_determinism_and_target_exclusion():
     train = dataset()
     poisoned, plan = attacks.poison(train, attack_config(rate=0.13))
-    assert len(plan.indices) == math.ceil(0.13 * 200)
+    assert len(plan.indices) == math.ceil(0.13 * 180)  # Of the 180 non-target images.
     assert len(set(plan.indices.tolist())) == len(plan.indices)
     assert (train.labels[plan.indices] != 0).all()
     assert (poisoned.labels[plan.indices] == 0).all()
@@ -117,12 +149,34 @@ def test_poison_plan_count_determinism_and_target_exclusion():
     assert not np.array_equal(plan.indices, other_seed.indices)
 
 
+def test_poison_indices_are_the_official_draw():
+    """np.random.seed(seed); np.random.choice(non-target indices, ceil(rate x their count))."""
+    train = dataset(300)
+    for seed, rate in ((0, 0.1), (42, 0.13), (7, 0.5)):
+        non_target = np.flatnonzero(train.labels != 0)
+        np.random.seed(seed)
+        expected = np.random.choice(non_target, math.ceil(rate * len(non_target)), replace=False)
+        _, plan = attacks.poison(train, attack_config(rate=rate, seed=seed))
+        np.testing.assert_array_equal(plan.indices, np.sort(expected))
+
+
+def test_rate_of_all_counts_every_image_as_backdoorbench_does():
+    train = dataset(300)
+    _, eligible = attacks.poison(train, attack_config(rate=0.1))
+    _, everything = attacks.poison(train, attack_config(rate=0.1, rate_of="all"))
+    assert (len(eligible.indices), len(everything.indices)) == (27, 30)
+    assert (train.labels[everything.indices] != 0).all()
+    with pytest.raises(attacks.AttackError, match="rate_of 'most'"):
+        attacks.validate_config(attack_config(rate_of="most"))
+
+
 def test_poison_plan_can_include_target():
     labels = np.zeros(50, np.int32)
-    indices = attacks.choose_poison_indices(labels, 0.2, 0, seed=0, include_target=True)
-    assert len(indices) == 10
-    with pytest.raises(attacks.AttackError, match="eligible"):
-        attacks.choose_poison_indices(labels, 0.2, 0, seed=0, include_target=False)
+    train = ImageDataset(np.zeros((50, 4, 4, 1), np.uint8), labels, tuple("0123456789"))
+    _, plan = attacks.poison(train, attack_config(rate=0.2, include_target=True))
+    assert len(plan.indices) == 10
+    with pytest.raises(attacks.AttackError, match="poisons none of the 0 eligible images"):
+        attacks.poison(train, attack_config(rate=0.2))
 
 
 def test_relabel_without_trigger_changes_labels_only():
@@ -130,7 +184,7 @@ def test_relabel_without_trigger_changes_labels_only():
     reference = attacks.relabel_without_trigger(train, attack_config(rate=0.13), seed=5)
     np.testing.assert_array_equal(reference.images, train.images)
     changed = np.flatnonzero(reference.labels != train.labels)
-    assert len(changed) == math.ceil(0.13 * 200)  # Drawn from non-target images: all change.
+    assert len(changed) == math.ceil(0.13 * 180)  # Drawn from non-target images: all change.
     assert (reference.labels[changed] == 0).all()
     _, plan = attacks.poison(train, attack_config(rate=0.13))
     assert not np.array_equal(changed, plan.indices)  # Its own draw, not the plan's.
@@ -158,10 +212,11 @@ def test_triggered_test_sets_cover_every_non_target_image():
     sets = attacks.triggered_test_sets(test, attack_config())
     non_target = np.flatnonzero(test.labels != 0)
     np.testing.assert_array_equal(sets.source_indices, non_target)
-    assert (sets.attack_success.labels == 0).all()
-    np.testing.assert_array_equal(sets.robust.labels, test.labels[non_target])
-    assert (sets.robust.images[:, -1, -1, 0] == 0).all()  # Bottom-right cell: (2+2)%2 == 0.
-    assert (sets.robust.images[:, -1, -2, 0] == 255).all()
+    assert (sets.target_labels == 0).all()
+    np.testing.assert_array_equal(sets.true_labels, test.labels[non_target])
+    assert sets.images.dtype == np.float32
+    assert (sets.images[:, -1, -1, 0] == 0).all()  # Bottom-right cell: (2+2)%2 == 0.
+    assert (sets.images[:, -1, -2, 0] == 255).all()
 
 
 @pytest.mark.parametrize(
@@ -170,6 +225,7 @@ def test_triggered_test_sets_cover_every_non_target_image():
         (dict(target=10), "target class 10 out of range"),
         (dict(target=-1), "out of range"),
         (dict(rate=1.5), r"rate 1.5 must be in \[0, 1\]"),
+        (dict(rate=0.95, rate_of="all"), "only 180 are not of the target class"),
         (dict(rate=-0.1), "must be in"),
         (
             dict(trigger=dict(pattern="checkerboard", size=9, location="bottom_right", seed=0)),
@@ -180,7 +236,7 @@ def test_triggered_test_sets_cover_every_non_target_image():
             "unknown BadNets pattern",
         ),
         (dict(trigger=dict(pattern="white", size=3, location="top", seed=0)), "location"),
-        (dict(name="sig"), "unknown attack"),
+        (dict(name="trojan"), "unknown attack"),
         (dict(trigger=dict(pattern="white", sizes=3)), "no parameters"),
     ],
 )

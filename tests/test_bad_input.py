@@ -117,7 +117,7 @@ CASES = [
     ),
     Case(
         "poisoning rate 1",
-        extra=["--config.attack.rate=1.0"],
+        extra=["--config.attack.rate=1.0", "--config.attack.rate_of=all"],
         says="include_target=True",
     ),
     Case(

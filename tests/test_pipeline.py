@@ -42,7 +42,7 @@ def test_launch_runs_every_stage_and_reports(smoke_run):
         ):
             assert 0.0 <= results["models"][name][key] <= 1.0
     assert 0.0 <= results["models"]["student"]["defense_effectiveness_rate"] <= 1.0
-    assert results["experiment"]["num_poisoned"] == 16  # ceil(0.1 * 160)
+    assert results["experiment"]["num_poisoned"] == 14  # ceil(0.1 * the 140 non-target images)
     diagnostics = results["diagnostics"]
     for key in (
         "trigger_learnability/asr_trained_on_variations",
@@ -60,13 +60,13 @@ def test_launch_runs_every_stage_and_reports(smoke_run):
         "trigger_detectability/paired_accuracy_sources",
     ):
         assert f"variations/{key}" in diagnostics, key
-    # 16 poisoned rows, a fifth of the pairs held out.
+    # 14 poisoned rows, a fifth of the pairs held out.
     assert diagnostics["variations/trigger_detectability/held_out_pairs"] == 3
     for label in ("variations", "sources"):
         accuracy = diagnostics[f"variations/trigger_detectability/paired_accuracy_{label}"]
         assert accuracy * 6 == round(accuracy * 6)  # wins and half-counted ties over 3 pairs
     plan = json.load(open(os.path.join(workdir, "poison", "plan.json")))
-    assert plan["num_poisoned"] == 16 and plan["target"] == 0
+    assert plan["num_poisoned"] == 14 and plan["target"] == 0
     for path in (
         "teacher/model",
         "generator/model",
@@ -244,6 +244,9 @@ def test_configs_load_and_validate():
     for name in (
         "fashion_mnist_badnets",
         "fashion_mnist_blended",
+        "fashion_mnist_wanet",
+        "fashion_mnist_sig",
+        "fashion_mnist_bpp",
         "fashion_mnist_badnets_demo",
         "fashion_mnist_badnets_premise",
         "smoke",
@@ -260,8 +263,10 @@ def test_configs_load_and_validate():
             config = module.get_config(attack)
             pipeline.validate_config(config)
             assert config.attack.name == attack
-        with pytest.raises(ValueError, match="unknown attack 'wanet'"):
-            module.get_config("wanet")
+        for attack in ("wanet", "sig", "bpp"):
+            pipeline.validate_config(module.get_config(attack))
+        with pytest.raises(ValueError, match="unknown attack 'trojan'"):
+            module.get_config("trojan")
     paper = importlib.import_module("configs.imagenette_sd_variations").get_config("badnets")
     assert (paper.regenerate.steps, paper.regenerate.guidance, paper.generator.resolution) == (
         50,

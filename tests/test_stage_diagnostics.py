@@ -43,9 +43,9 @@ def test_clean_twins_have_each_poisoned_rows_noise_and_label(idx_dir, run_copy):
 @pytest.mark.slow
 def test_detector_too_few_pairs_for_its_batch_is_refused_before_training(run_copy, idx_dir):
     config = smoke_config(idx_dir)
-    config.diagnostics.detectability.batch_size = 64  # The smoke run has 13 training pairs.
+    config.diagnostics.detectability.batch_size = 64  # The smoke run has 11 training pairs.
     shutil.rmtree(os.path.join(run_copy, "learnability"))
-    with pytest.raises(pipeline.ConfigError, match=r"batch_size 64 is larger than the 26 images"):
+    with pytest.raises(pipeline.ConfigError, match=r"batch_size 64 is larger than the 22 images"):
         pipeline.run(config, run_copy, "diagnostics")
     assert not os.path.exists(os.path.join(run_copy, "learnability"))
 
