@@ -57,7 +57,9 @@ def _parse_flags(argv):
         field = re.search(r"'([\w.]+)'", text)
         overrides = [a for a in argv[1:] if a.startswith("--config.")]
         named = [a for a in overrides if field and field.group(1) in a]
-        which = named[0].split("=")[0] if named else "a --config override"
+        if not named:
+            _refuse(f"the --config file cannot be loaded: {text.splitlines()[0]}")
+        which = named[0].split("=")[0]
         if hint:
             _refuse(f"{which} names no config field: did you mean {hint.group(1)}?")
         _refuse(f"{which} cannot be applied: {text.splitlines()[0]}")

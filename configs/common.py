@@ -143,6 +143,21 @@ def blended_attack(**trigger) -> ml_collections.ConfigDict:
     )
 
 
+def wanet_attack(**trigger) -> ml_collections.ConfigDict:
+    """BackdoorBench's WaNet: k 4, s 0.5, grid_rescale 1, cross_ratio 2."""
+    params = dict(k=4, s=0.5, grid_rescale=1.0, cross_ratio=2.0, seed=0)
+    return attack_config("wanet", dict(params, **trigger))
+
+
+def sig_attack(**trigger) -> ml_collections.ConfigDict:
+    """Clean-label: rate is the share of the target class's images that get the sinusoid."""
+    return attack_config("sig", dict(dict(delta=20.0, frequency=6.0), **trigger))
+
+
+def bpp_attack(**trigger) -> ml_collections.ConfigDict:
+    return attack_config("bpp", dict(dict(squeeze_num=8, dithering=True), **trigger))
+
+
 def generator_config(**overrides) -> ml_collections.ConfigDict:
     """The latent-diffusion image-variation generator trained here (jaxclean/diffusion)."""
     config = ml_collections.ConfigDict(
