@@ -34,9 +34,17 @@ def run(exp: Experiment) -> None:
     if exp.is_writer:
         atomic_write_json(plan_path, plan.to_json())
         record.mark_done({"num_poisoned": len(plan.indices)})
+    what = (
+        f"of class {plan.target} triggered, their labels kept"
+        if plan.clean_label
+        else f"triggered and relabelled to class {plan.target}"
+    )
+    cross = (
+        f", {len(plan.cross_indices)} more given a noisy trigger" if len(plan.cross_indices) else ""
+    )
     log(
         f"poison: {exp.config.attack.name}, {len(plan.indices)} of {len(exp.poisoned_train)} "
-        f"training images relabelled to class {plan.target}"
+        f"training images {what}{cross}"
     )
 
 
