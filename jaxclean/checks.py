@@ -60,12 +60,3 @@ def recipe(recipe, name: str) -> None:
         raise ConfigError(
             f"{name}.lr_decay_epochs {epochs} must rise within (0, num_epochs={recipe.num_epochs}]"
         )
-
-
-def divisible(batch_size: int, devices: int, name: str) -> None:
-    """Every device must get the same number of rows of a global batch."""
-    if batch_size % devices:
-        raise ConfigError(
-            f"{name} {batch_size} is not divisible by the {devices} devices: set it to a "
-            f"multiple of {devices}, or run on a device count that divides it"
-        )

@@ -19,7 +19,7 @@ import time
 
 import jax
 
-from jaxclean import attacks, checks, data, results
+from jaxclean import attacks, data, results
 from jaxclean.artifacts import CorruptOutput, FinishedStage, StageConflict
 from jaxclean.checks import ConfigError
 from jaxclean.experiment import Experiment, log
@@ -112,8 +112,12 @@ def _batch_sizes(config) -> dict[str, int]:
 def check_devices(config) -> None:
     """Every batch must split evenly over the devices, which are known only now."""
     devices = jax.device_count()
-    for field, size in _batch_sizes(config).items():
-        checks.divisible(size, devices, field)
+    bad = [f"{field} {size}" for field, size in _batch_sizes(config).items() if size % devices]
+    if bad:
+        raise ConfigError(
+            f"{', '.join(bad)}: not divisible by the {devices} devices; set them to multiples "
+            f"of {devices}, or run on a device count that divides them (--cpu_devices)"
+        )
 
 
 def _needs_closure(config, name: str) -> list[str]:

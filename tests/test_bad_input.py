@@ -132,8 +132,8 @@ CASES = [
     ),
     Case(
         "unknown attack",
-        extra=["--config.attack.name=sig"],
-        says="unknown attack 'sig'",
+        extra=["--config.attack.name=trojan"],
+        says="unknown attack 'trojan'",
     ),
     Case(
         "target out of range",
