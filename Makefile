@@ -46,10 +46,11 @@ demo: install dataset
 	  --stages=$(DEMO_STAGES)
 
 # With the [bench] extra (CPU torch): the Flax components are checked against PyTorch's.
-# Two workers: most tests compile or wait on a subprocess, so two keep two cores busy; the
-# tests of the one smoke run share a worker (tests/conftest.py).
+# Two workers: most tests compile or wait on a subprocess, so two keep two cores busy. Each
+# test file stays on one worker (its module fixtures made once); the one smoke run of every
+# stage is shared by both (tests/conftest.py).
 test: install-bench
-	$(PY) -m pytest -q -n 2 --dist loadgroup tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # The inner loop: every test but those marked slow (subprocess runs, stage runs, training).
 test-fast: install-bench

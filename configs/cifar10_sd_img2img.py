@@ -41,6 +41,7 @@ def get_config(arg="badnets"):
     config.teacher = common.classifier_recipe(**recipe)
     config.student = common.student_recipe(common.classifier_recipe(**recipe))
     config.baselines = common.baselines_recipe(config.student)
+    config.defenses = common.defenses_config(config.teacher)
     config.generator = common.sd_img2img_config()
     config.regenerate = common.regenerate_config(
         name="sd_img2img_0.5",

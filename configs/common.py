@@ -333,6 +333,7 @@ def fashion_mnist_config(attack) -> ml_collections.ConfigDict:
     # The cross-entropy baselines share the student's schedule and width, and read their
     # images through its corruption, so that they compare like for like.
     config.baselines = baselines_recipe(config.student)
+    config.defenses = defenses_config(config.teacher)
     return config
 
 
@@ -344,6 +345,85 @@ def baselines_recipe(student: ml_collections.ConfigDict) -> ml_collections.Confi
     return classifier_recipe(**fields)
 
 
+def defense_recipe(teacher: ml_collections.ConfigDict, **overrides) -> ml_collections.ConfigDict:
+    """A defense's training recipe on the teacher's architecture (it starts from the
+    teacher's weights, or is compared with it), with its learning-rate schedule."""
+    architecture = {k: teacher[k] for k in ("model", "width", "standardize_input")}
+    recipe = classifier_recipe(**architecture, crop_padding=teacher.crop_padding)
+    recipe.lr_schedule = "step"  # "step" (lr_decay_epochs) or "cosine" to 0.
+    recipe.update(overrides)
+    return recipe
+
+
+def defenses_config(teacher: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The field's defenses (jaxclean/stages/defenses.py) with BackdoorBench's settings, their
+    epochs scaled from its 100-epoch CIFAR-10 runs to the teacher's 6 (docs/defenses.md)."""
+    sgd = dict(optimizer="sgd", momentum=0.9, lr_decay_epochs=())
+    return ml_collections.ConfigDict(
+        dict(
+            # The clean data of ft, nad and anp: "trusted", the split the method's generator
+            # learns from (every defense gets the same clean images), or "fraction":
+            # clean_fraction of the training set's size, drawn from it (BackdoorBench's 5%).
+            clean_data="trusted",
+            clean_fraction=0.05,
+            # Fine-tuning: SGD 0.01, weight decay 5e-4, cosine; 10 epochs over 10,000 images
+            # (780 steps) for BackdoorBench's 100 over 2,500 at batch 256 (about 1,000).
+            ft=defense_recipe(
+                teacher,
+                **sgd,
+                learning_rate=0.01,
+                weight_decay=5e-4,
+                num_epochs=10,
+                lr_schedule="cosine",
+            ),
+            nad=dict(
+                recipe=defense_recipe(
+                    teacher,
+                    **sgd,
+                    learning_rate=0.01,
+                    weight_decay=1e-4,
+                    num_epochs=10,
+                    lr_schedule="cosine",
+                ),
+                # One weight per stage, the last stages last (BackdoorBench's three).
+                betas=(500.0, 1000.0, 1000.0),
+                power=2.0,  # Attention maps are the channels' mean of |a|^power.
+            ),
+            anp=dict(
+                eps=0.4,  # Perturbation bound.
+                steps=1,  # Ascent steps on the perturbation per mask update.
+                alpha=0.2,  # Weight of the unperturbed loss against the perturbed one.
+                learning_rate=0.2,  # Of the masks (SGD, momentum 0.9).
+                iterations=2000,
+                batch_size=128,
+                # Pruned: channels with a mask under the highest of these thresholds whose
+                # pruned model's clean accuracy is within max_accuracy_drop of the teacher's.
+                thresholds=tuple(round(0.05 * k, 2) for k in range(1, 19)),
+                max_accuracy_drop=0.1,
+            ),
+            abl=dict(
+                isolation_ratio=0.01,  # The lowest-loss share isolated as poison.
+                flood=0.5,  # The loss level the isolation phase holds (gradient ascent below).
+                # BackdoorBench's 20 + 60 epochs of 100 scaled to the teacher's 6; the
+                # unlearning's 20 are over the isolated set, which is small.
+                isolation=defense_recipe(
+                    teacher, **sgd, learning_rate=0.01, weight_decay=1e-4, num_epochs=2
+                ),
+                finetuning=defense_recipe(
+                    teacher,
+                    **dict(sgd, lr_decay_epochs=(3,)),
+                    learning_rate=0.1,
+                    weight_decay=1e-4,
+                    num_epochs=4,
+                ),
+                unlearning=defense_recipe(
+                    teacher, **sgd, learning_rate=5e-4, weight_decay=1e-4, num_epochs=20
+                ),
+            ),
+        )
+    )
+
+
 def base_config(data, attack) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0  # Chooses the trusted split and every initialisation and data order.
@@ -353,6 +433,7 @@ def base_config(data, attack) -> ml_collections.ConfigDict:
     config.student = student_recipe()  # The method's student, and kd_on_original.
     # variations_only, trusted_only and clean_reference.
     config.baselines = baselines_recipe(config.student)
+    config.defenses = defenses_config(config.teacher)  # ft, nad, anp, abl.
     config.generator = generator_config()
     config.regenerate = regenerate_config()
     config.diagnostics = diagnostics_config()

@@ -28,4 +28,5 @@ def get_config(arg=None):
         recipe.width = 16
     config.student.include_trusted = False
     config.baselines = common.baselines_recipe(config.student)
+    config.defenses = common.defenses_config(config.teacher)
     return config

@@ -65,6 +65,7 @@ def get_config(arg="badnets"):
     config.teacher = paper_recipe()
     config.student = common.student_recipe(paper_recipe())
     config.baselines = common.baselines_recipe(config.student)
+    config.defenses = common.defenses_config(config.teacher)
     config.generator = common.sd_image_variations_config()
     config.regenerate = common.regenerate_config(
         steps=50,

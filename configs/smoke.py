@@ -24,6 +24,17 @@ def get_config(arg=None):
     config.teacher = common.classifier_recipe(**tiny)
     config.student = common.student_recipe(common.classifier_recipe(**tiny))
     config.baselines = common.baselines_recipe(config.student)
+    config.defenses = common.defenses_config(config.teacher)
+    small = dict(num_epochs=1, batch_size=8, eval_batch_size=32, log_every_steps=2)
+    config.defenses.ft.update(small)
+    config.defenses.nad.recipe.update(small)
+    config.defenses.anp.update(iterations=4, batch_size=8)
+    config.defenses.abl.isolation_ratio = 0.1
+    for phase in ("isolation", "finetuning", "unlearning"):
+        config.defenses.abl[phase].update(
+            dict(small, batch_size=32 if phase != "unlearning" else 8)
+        )
+    config.defenses.abl.finetuning.lr_decay_epochs = ()
     small_nets = dict(
         block_out_channels=(32, 32),
         num_epochs=1,

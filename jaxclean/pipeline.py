@@ -23,7 +23,15 @@ from jaxclean import attacks, data, results
 from jaxclean.artifacts import CorruptOutput, FinishedStage, StageConflict
 from jaxclean.checks import ConfigError
 from jaxclean.experiment import Experiment, log
-from jaxclean.stages import classifiers, diagnostics, generator, poison, regenerate, report
+from jaxclean.stages import (
+    classifiers,
+    defenses,
+    diagnostics,
+    generator,
+    poison,
+    regenerate,
+    report,
+)
 
 STAGES = {
     stage.name: stage
@@ -35,6 +43,10 @@ STAGES = {
         regenerate.STAGE,
         diagnostics.STAGE,
         classifiers.STUDENT,
+        defenses.FT,
+        defenses.NAD,
+        defenses.ANP,
+        defenses.ABL,
         classifiers.VARIATIONS_ONLY,
         classifiers.KD_ON_ORIGINAL,
         classifiers.TRUSTED_ONLY,
@@ -95,6 +107,11 @@ def _batch_sizes(config) -> dict[str, int]:
         "teacher": config.teacher,
         "student": config.student,
         "baselines": config.baselines,
+        "defenses.ft": config.defenses.ft,
+        "defenses.nad.recipe": config.defenses.nad.recipe,
+        "defenses.abl.isolation": config.defenses.abl.isolation,
+        "defenses.abl.finetuning": config.defenses.abl.finetuning,
+        "defenses.abl.unlearning": config.defenses.abl.unlearning,
         "diagnostics.learnability": config.diagnostics.learnability,
         "diagnostics.detectability": config.diagnostics.detectability,
     }
@@ -106,6 +123,7 @@ def _batch_sizes(config) -> dict[str, int]:
     for name, recipe in recipes.items():
         sizes[f"{name}.batch_size"] = recipe.batch_size
         sizes[f"{name}.eval_batch_size"] = recipe.eval_batch_size
+    sizes["defenses.anp.batch_size"] = config.defenses.anp.batch_size
     return sizes
 
 

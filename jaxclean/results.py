@@ -36,6 +36,10 @@ TABLE_METRICS = (*METRICS, ("untriggered_target_rate", "ASR0"))
 MODEL_ORDER = (
     "teacher",
     "student",
+    "ft",
+    "nad",
+    "anp",
+    "abl",
     "variations_only",
     "kd_on_original",
     "trusted_only",

@@ -101,7 +101,7 @@ def teacher_prior_correction(
     return tuple(float(v) for v in log_prior(trusted_labels) - log_prior(teacher_labels))
 
 
-def _step_metrics(loss, logits, labels, grads, params) -> dict:
+def step_metrics(loss, logits, labels, grads, params) -> dict:
     return {
         "loss": loss,
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
@@ -135,7 +135,7 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, augment: Augme
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     new_state = state.apply_gradients(grads, batch_stats)
-    return new_state, _step_metrics(loss, logits, batch["label"], grads, state.params)
+    return new_state, step_metrics(loss, logits, batch["label"], grads, state.params)
 
 
 def feature_invariance(clean: jax.Array, corrupted: jax.Array) -> jax.Array:
@@ -196,7 +196,7 @@ def invariance_step(state: TrainState, batch: dict, rng: jax.Array, *, augment: 
         loss_fn, has_aux=True
     )(state.params)
     new_state = state.apply_gradients(grads, batch_stats)
-    metrics = _step_metrics(loss, logits, labels, grads, state.params)
+    metrics = step_metrics(loss, logits, labels, grads, state.params)
     metrics.update(cross_entropy=ce, invariance=invariance)
     return new_state, metrics
 
@@ -254,7 +254,7 @@ def distill_step(
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     new_state = state.apply_gradients(grads, batch_stats)
-    metrics = _step_metrics(loss, logits, batch["label"], grads, state.params)
+    metrics = step_metrics(loss, logits, batch["label"], grads, state.params)
     metrics["teacher_agreement"] = jnp.mean(
         jnp.argmax(logits, -1) == jnp.argmax(teacher_logits, -1)
     )

@@ -24,16 +24,25 @@ from jaxclean.steps import TrainState, predict_step
 # ----------------------------------------------------------------------------- set-up
 
 
-def make_optimizer(recipe, steps_per_epoch: int) -> tuple[optax.GradientTransformation, Callable]:
+def make_optimizer(
+    recipe, steps_per_epoch: int, lr_schedule: str = "step"
+) -> tuple[optax.GradientTransformation, Callable]:
     """The optimizer and learning-rate schedule a recipe names.
 
-    The schedule is step decay: the rate is multiplied by `lr_decay_factor` at each epoch in
-    `lr_decay_epochs` (the paper: Adam 1e-3, decay at epochs 30 and 50).
+    "step" decay multiplies the rate by `lr_decay_factor` at each epoch in `lr_decay_epochs`
+    (the paper: Adam 1e-3, decay at epochs 30 and 50); "cosine" anneals it to 0 over the run
+    (BackdoorBench's defenses).
     """
-    boundaries = {
-        int(epoch * steps_per_epoch): recipe.lr_decay_factor for epoch in recipe.lr_decay_epochs
-    }
-    schedule = optax.piecewise_constant_schedule(recipe.learning_rate, boundaries)
+    if lr_schedule == "cosine":
+        total = max(1, int(recipe.num_epochs * steps_per_epoch))
+        schedule = optax.cosine_decay_schedule(recipe.learning_rate, total)
+    elif lr_schedule == "step":
+        boundaries = {
+            int(epoch * steps_per_epoch): recipe.lr_decay_factor for epoch in recipe.lr_decay_epochs
+        }
+        schedule = optax.piecewise_constant_schedule(recipe.learning_rate, boundaries)
+    else:
+        raise ValueError(f"unknown lr_schedule {lr_schedule!r}: use step or cosine")
     name = recipe.optimizer
     if name == "adam":
         tx = optax.adam(schedule)
@@ -67,6 +76,17 @@ def create_train_state(
         )
 
     return jax.jit(init, out_shardings=sharding.replicated(mesh))(rng)
+
+
+def start_from(state: TrainState, variables: dict, mesh) -> TrainState:
+    """`state` with the parameters and batch statistics of trained `variables` (replicated on
+    the mesh) and its optimizer state fresh for them."""
+    placed = jax.device_put(variables, sharding.replicated(mesh))
+    return state.replace(
+        params=placed["params"],
+        batch_stats=placed["batch_stats"],
+        opt_state=jax.jit(state.tx.init, out_shardings=sharding.replicated(mesh))(placed["params"]),
+    )
 
 
 def checkpoint_tree(state) -> dict:

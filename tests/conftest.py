@@ -4,6 +4,7 @@ and one smoke run of every stage that the stage tests read or copy."""
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import os
 import shutil
@@ -28,16 +29,6 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 NUM_CLASSES = 10
-
-
-@pytest.hookimpl(tryfirst=True)  # Before xdist reads the groups.
-def pytest_collection_modifyitems(config, items):
-    """With pytest-xdist's --dist loadgroup (make test), one worker takes every test of the
-    smoke run, so it runs once, and each module's tests stay together with its fixtures."""
-    del config
-    for item in items:
-        group = "smoke_run" if "smoke_run" in item.fixturenames else item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -76,9 +67,27 @@ def write_idx_dataset(directory: str, num_train: int = 300, num_test: int = 100)
     return directory
 
 
+def shared_once(tmp_path_factory, name: str, make) -> str:
+    """The directory `name`, made once per test run by make(directory) and shared by every
+    pytest-xdist worker: the first to ask makes it under a file lock, the others wait and
+    read it. Its path is the same in every worker, so records that name it agree."""
+    root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        root = root.parent  # The run's base directory, above each worker's own.
+    directory = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (directory / ".made").exists():
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir()
+            make(str(directory))
+            (directory / ".made").touch()
+    return str(directory)
+
+
 @pytest.fixture(scope="session")
 def idx_dir(tmp_path_factory) -> str:
-    return write_idx_dataset(str(tmp_path_factory.mktemp("idx")))
+    return shared_once(tmp_path_factory, "idx", write_idx_dataset)
 
 
 def run_launch(args: list[str], devices: int = 1, env: dict | None = None, timeout: int = 1800):
@@ -134,9 +143,26 @@ def blended_reusing(data_dir: str, workdir: str, reuse_from: str = ""):
 
 @pytest.fixture(scope="session")
 def smoke_run(idx_dir, tmp_path_factory):
-    """Every stage of the smoke config, once, through launch.py; tests copy what they change."""
-    workdir = str(tmp_path_factory.mktemp("smoke") / "run")
-    result = run_launch(smoke_args(workdir, idx_dir))
+    """Every stage of the smoke config, once per test run (shared by the xdist workers),
+    through launch.py; tests copy what they change. (workdir, its launch.py output)."""
+
+    def make(directory):
+        result = run_launch(smoke_args(os.path.join(directory, "run"), idx_dir))
+        for name in ("stdout", "stderr"):
+            with open(os.path.join(directory, name), "w") as f:
+                f.write(getattr(result, name))
+        with open(os.path.join(directory, "returncode"), "w") as f:
+            f.write(str(result.returncode))
+
+    directory = shared_once(tmp_path_factory, "smoke", make)
+    outputs = {}
+    for name in ("stdout", "stderr", "returncode"):
+        with open(os.path.join(directory, name)) as f:
+            outputs[name] = f.read()
+    workdir = os.path.join(directory, "run")
+    result = subprocess.CompletedProcess(
+        ["launch.py"], int(outputs["returncode"]), outputs["stdout"], outputs["stderr"]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir, result
 

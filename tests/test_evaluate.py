@@ -34,8 +34,9 @@ def test_untriggered_target_rate_counts_the_same_images_without_the_trigger():
         label = labels[non_target[i]]
         triggered[i, label * 3 : (label + 1) * 3] = 255
     sets = TriggeredTestSets(
-        attack_success=ImageDataset(triggered, np.full(len(non_target), target), ()),
-        robust=ImageDataset(triggered, labels[non_target], ()),
+        images=triggered.astype(np.float32),  # Triggered test images are float.
+        target_labels=np.full(len(non_target), target),
+        true_labels=labels[non_target],
         source_indices=non_target,
     )
     mesh = sharding.make_mesh()

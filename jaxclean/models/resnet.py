@@ -75,8 +75,9 @@ def standardize_per_image(images):
     return (images - mean) / jnp.maximum(std, 1.0 / pixels**0.5)
 
 
-# What ResNet.__call__ returns; "both" serves the encoder's invariance objective in one pass.
-_OUTPUTS = ("logits", "features", "both")
+# What ResNet.__call__ returns; "both" serves the encoder's invariance objective in one pass,
+# "stages" the attention maps of Neural Attention Distillation.
+_OUTPUTS = ("logits", "features", "both", "stages")
 
 
 class ResNet(nn.Module):
@@ -105,7 +106,8 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False, output: str = "logits"):
         """What `output` names: "logits"; "features", the pooled features the logits are made
-        from (the Dense layer does not run); or "both", (logits, features) from one pass."""
+        from (the Dense layer does not run); "both", (logits, features) from one pass; or
+        "stages", (logits, the output of each stage's last block)."""
         if output not in _OUTPUTS:
             raise ValueError(f"ResNet output must be one of {_OUTPUTS}, got {output!r}")
         if self.standardize_input:
@@ -119,14 +121,18 @@ class ResNet(nn.Module):
         x = nn.relu(x)
         if self.stem != "cifar":
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        stages = []
         for stage, num_blocks in enumerate(self.stage_sizes):
             for index in range(num_blocks):
                 strides = 2 if stage > 0 and index == 0 else 1
                 x = self.block(self.width * 2**stage, strides, dtype=self.dtype)(x, train)
+            stages.append(x)
         features = jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
         if output == "features":
             return features
         logits = nn.Dense(self.num_classes, dtype=jnp.float32)(features)
+        if output == "stages":
+            return logits, tuple(stages)
         return (logits, features) if output == "both" else logits
 
 

@@ -31,6 +31,8 @@ def train_classifier(
     report_section: str = "models",
     adopt_from: str = "",
     seed: int | None = None,
+    initial: dict | None = None,
+    lr_schedule: str = "step",
 ) -> dict:
     """Trains one classifier as a stage, exports its weights, evaluates and reports it.
 
@@ -48,6 +50,9 @@ def train_classifier(
         workdir (the caller checks that): its weights are copied and evaluated, not retrained.
       seed: of its initialisation and data order (default: config.seed); a repeat of the same
         classifier under another seed needs its own name and a spec that names the seed.
+      initial: variables to start from instead of a fresh initialisation (a defense that
+        fine-tunes the teacher); the optimizer starts fresh.
+      lr_schedule: "step" (the recipe's lr_decay_epochs) or "cosine".
 
     Returns:
       The evaluation metrics (read back from the stage's record when it was already done).
@@ -74,11 +79,41 @@ def train_classifier(
     else:
         seed = exp.config.seed if seed is None else seed
         variables, timing, outputs = fit_classifier(
-            exp, record, name, model, predict_fn, dataset, recipe, make_step, extra_args, seed
+            exp,
+            record,
+            name,
+            model,
+            predict_fn,
+            dataset,
+            recipe,
+            make_step,
+            extra_args,
+            seed,
+            initial=initial,
+            lr_schedule=lr_schedule,
         )
+    return finish_classifier(
+        exp, record, predict_fn, variables, recipe.eval_batch_size, timing, outputs, report_section
+    )
+
+
+def finish_classifier(
+    exp: Experiment,
+    record: StageRecord,
+    predict_fn,
+    variables: dict,
+    eval_batch_size: int,
+    timing: dict,
+    outputs: dict,
+    report_section: str = "models",
+) -> dict:
+    """Exports a classifier stage's final weights, evaluates and reports them, and marks the
+    stage done; its metrics. The second half of `train_classifier`, for stages that make
+    their weights otherwise (a defense that prunes)."""
+    name = record.name
     checkpointing.save_tree(record.path("model"), jax.device_get(variables))
     predicted = evaluate.classifier_predictions(
-        predict_fn, variables, exp.splits.test, exp.triggered, recipe.eval_batch_size, exp.mesh
+        predict_fn, variables, exp.splits.test, exp.triggered, eval_batch_size, exp.mesh
     )
     metrics = evaluate.metrics_from_predictions(predicted, exp.splits.test, exp.triggered)
     metrics.update(timing)
@@ -104,6 +139,8 @@ def fit_classifier(
     make_step: Callable | None,
     extra_args: tuple,
     seed: int,
+    initial: dict | None = None,
+    lr_schedule: str = "step",
 ):
     """Trains (or resumes) one classifier; returns its final weights, timing and record fields.
 
@@ -112,8 +149,10 @@ def fit_classifier(
     """
     mesh = exp.mesh
     steps_per_epoch = len(dataset) // recipe.batch_size
-    tx, schedule = train.make_optimizer(recipe, steps_per_epoch)
+    tx, schedule = train.make_optimizer(recipe, steps_per_epoch, lr_schedule)
     state = train.create_train_state(model, tx, dataset.image_shape, jax.random.key(seed), mesh)
+    if initial is not None:
+        state = train.start_from(state, initial, mesh)
     settings = augment.Augment(
         crop_padding=recipe.crop_padding,
         flip=recipe.flip,
