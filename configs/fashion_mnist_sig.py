@@ -13,6 +13,4 @@ from configs import common
 
 def get_config(arg=None):
     del arg
-    config = common.fashion_mnist_config(common.sig_attack())
-    config.attack.rate_of = "all"
-    return config
+    return common.fashion_mnist_config(common.sig_attack())

@@ -19,7 +19,7 @@ import time
 
 import jax
 
-from jaxclean import attacks, data, results
+from jaxclean import attacks, data, matrix, results
 from jaxclean.artifacts import CorruptOutput, FinishedStage, StageConflict
 from jaxclean.checks import ConfigError
 from jaxclean.experiment import Experiment, log
@@ -95,9 +95,11 @@ def check_workdir(workdir: str) -> None:
 
 
 def validate_config(config) -> None:
-    """Every stage's check of the config: needs no data, so a bad config fails in a second."""
-    for stage in STAGES.values():
-        stage.validate(config)
+    """Every stage's check of the config (and of each attack's run, for a matrix): needs no
+    data, so a bad config fails in a second."""
+    for run_config in matrix.attack_configs(config).values() or [config]:
+        for stage in STAGES.values():
+            stage.validate(run_config)
 
 
 def _batch_sizes(config) -> dict[str, int]:
@@ -298,6 +300,10 @@ def main(config, workdir: str, stages: str | None, redo: str = "", command: str 
             signal.signal(signum, _raise_interrupted)
     command = command or "the same command"
     try:
+        if config.matrix.attacks:
+            validate_config(config)  # Every attack's run, before the first starts.
+            matrix.run(config, workdir, stages, lambda c, w, s: run(c, w, s, redo))
+            return
         found = run(config, workdir, stages, redo)
     except Interrupted as e:
         name = signal.Signals(e.signum).name
