@@ -110,7 +110,14 @@ def step_metrics(loss, logits, labels, grads, params) -> dict:
     }
 
 
-def train_step(state: TrainState, batch: dict, rng: jax.Array, *, augment: Augment):
+def train_step(
+    state: TrainState,
+    batch: dict,
+    rng: jax.Array,
+    *,
+    augment: Augment,
+    objective: Callable | None = None,
+):
     """One cross-entropy step: the teacher's, and every baseline trained without distillation.
 
     Args:
@@ -118,9 +125,12 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, augment: Augme
       batch: {"image": uint8 [B, H, W, C], "label": int32 [B], "index": int [B]}.
       rng: this epoch's key; each sample's augmentation key folds in its index.
       augment: static augmentation settings.
+      objective: what is minimised, as a function of the batch's mean cross-entropy (static;
+        None: the cross-entropy itself). Anti-Backdoor Learning holds it at a flood level,
+        then ascends it.
 
     Returns:
-      The updated state and a dict of scalar metrics.
+      The updated state and a dict of scalar metrics (with an objective, "cross_entropy" too).
     """
     images = augment_images(normalize(batch["image"]), sample_keys(rng, batch["index"]), augment)
 
@@ -131,11 +141,18 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, augment: Augme
             train=True,
             mutable=["batch_stats"],
         )
-        return cross_entropy(logits, batch["label"]), (logits, updates["batch_stats"])
+        ce = cross_entropy(logits, batch["label"])
+        loss = ce if objective is None else objective(ce)
+        return loss, (logits, updates["batch_stats"], ce)
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (logits, batch_stats, ce)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params
+    )
     new_state = state.apply_gradients(grads, batch_stats)
-    return new_state, step_metrics(loss, logits, batch["label"], grads, state.params)
+    metrics = step_metrics(loss, logits, batch["label"], grads, state.params)
+    if objective is not None:
+        metrics["cross_entropy"] = ce
+    return new_state, metrics
 
 
 def feature_invariance(clean: jax.Array, corrupted: jax.Array) -> jax.Array:

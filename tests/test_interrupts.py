@@ -207,6 +207,9 @@ def test_redo_clears_a_stage_and_what_reads_it_and_says_so(run_copy, idx_dir, ca
         "teacher",
         "diagnostics",
         "student",
+        "ft",
+        "nad",
+        "anp",
         "kd_on_original",
     ]
     assert pipeline.redo_set(config, "generator") == [
@@ -219,20 +222,22 @@ def test_redo_clears_a_stage_and_what_reads_it_and_says_so(run_copy, idx_dir, ca
     before = os.listdir(os.path.join(run_copy, "regenerated", "variations"))
     pipeline.run(config, run_copy, "teacher", redo="teacher")
     out = capsys.readouterr().out
-    for removed in ("teacher", "student", "kd_on_original", "learnability", "detectability"):
+    removed_dirs = ("teacher", "student", "ft", "nad", "anp", "kd_on_original", "learnability")
+    for removed in removed_dirs + ("detectability",):
         assert f"redo: removed {os.path.join(run_copy, removed)}" in out, removed
     assert "teacher: training" in out
-    for gone in ("student", "kd_on_original", "learnability"):
+    for gone in removed_dirs[1:]:
         assert not os.path.exists(os.path.join(run_copy, gone))
     found = results.read(run_copy)
     assert "student" not in found["models"] and "teacher" in found["models"]
+    assert "nad" not in found["models"] and "abl" in found["models"]
     assert not any(k.startswith("variations/trigger") for k in found["diagnostics"])
     assert "variations/sampler_images_per_second" in found["diagnostics"]
     # What reads nothing of the teacher is kept: the variations (less the diagnostics' cached
-    # samples) and the baselines.
+    # samples), the baselines and ABL, which trains from scratch on the poisoned set.
     after = os.listdir(os.path.join(run_copy, "regenerated", "variations"))
     assert set(before) - set(after) == {"test_variations.npz", "clean_twins.npz"}
-    for kept in ("variations_only", "clean_reference", "trusted_only", "generator"):
+    for kept in ("variations_only", "clean_reference", "trusted_only", "generator", "abl"):
         assert os.path.exists(os.path.join(run_copy, kept, "done.json")), kept
     # A redo that would leave a requested stage without its inputs is refused before it
     # removes anything.

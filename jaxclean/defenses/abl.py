@@ -13,8 +13,8 @@ import numpy as np
 import optax
 
 from jaxclean import train
-from jaxclean.augment import Augment, augment_images, normalize, sample_keys
-from jaxclean.steps import TrainState, step_metrics
+from jaxclean.augment import Augment, normalize
+from jaxclean.steps import TrainState, train_step
 
 
 def flooded(loss: jax.Array, flood: float) -> jax.Array:
@@ -23,36 +23,19 @@ def flooded(loss: jax.Array, flood: float) -> jax.Array:
     return jnp.abs(loss - flood) + flood
 
 
-def _classifier_step(state: TrainState, batch, rng, augment: Augment, objective):
-    images = augment_images(normalize(batch["image"]), sample_keys(rng, batch["index"]), augment)
-
-    def loss_fn(params):
-        logits, updates = state.apply_fn(
-            {"params": params, "batch_stats": state.batch_stats},
-            images,
-            train=True,
-            mutable=["batch_stats"],
-        )
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-        return objective(ce), (logits, updates["batch_stats"], ce)
-
-    (loss, (logits, batch_stats, ce)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params
-    )
-    new_state = state.apply_gradients(grads, batch_stats)
-    metrics = step_metrics(loss, logits, batch["label"], grads, state.params)
-    metrics["cross_entropy"] = ce
-    return new_state, metrics
-
-
 def isolation_step(state: TrainState, batch, rng, *, augment: Augment, flood: float):
     """One step of the isolation phase: cross-entropy held at the flood level."""
-    return _classifier_step(state, batch, rng, augment, functools.partial(flooded, flood=flood))
+    objective = functools.partial(flooded, flood=flood)
+    return train_step(state, batch, rng, augment=augment, objective=objective)
+
+
+def _ascent(loss: jax.Array) -> jax.Array:
+    return -loss
 
 
 def unlearning_step(state: TrainState, batch, rng, *, augment: Augment):
     """One step of the unlearning phase: gradient ascent on the isolated samples."""
-    return _classifier_step(state, batch, rng, augment, lambda ce: -ce)
+    return train_step(state, batch, rng, augment=augment, objective=_ascent)
 
 
 def per_sample_losses(apply_fn, variables, images, labels, batch_size: int, mesh) -> np.ndarray:
