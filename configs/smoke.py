@@ -35,6 +35,7 @@ def get_config(arg=None):
             dict(small, batch_size=32 if phase != "unlearning" else 8)
         )
     config.defenses.abl.finetuning.lr_decay_epochs = ()
+    config.defenses.abl.finetuning.checkpoint_every_steps = 1  # Its kill-and-resume test.
     small_nets = dict(
         block_out_channels=(32, 32),
         num_epochs=1,

@@ -37,6 +37,24 @@ def pytest_sessionfinish(session, exitstatus):
         shutil.rmtree(_XLA_CACHE, ignore_errors=True)
 
 
+# The file whose first test makes the smoke run, and the fixtures that read it.
+SMOKE_MAKER = "test_pipeline.py"
+SMOKE_FIXTURES = {"smoke_run", "run_copy"}
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The smoke run's maker first, the files that read it last: with `-n 2 --dist loadfile`
+    one worker makes the run while the other works through files that need none of it."""
+    del session, config
+    reads_smoke = {item.path.name for item in items if SMOKE_FIXTURES & set(item.fixturenames)}
+
+    def rank(item):
+        name = item.path.name
+        return 0 if name == SMOKE_MAKER else 2 if name in reads_smoke else 1
+
+    items.sort(key=rank)  # Stable: each file's tests keep their order.
+
+
 def synthetic_images(num: int, seed: int, size: int = 28) -> tuple[np.ndarray, np.ndarray]:
     """Images a small network learns in a few steps: class k lights up horizontal band k."""
     rng = np.random.default_rng(seed)

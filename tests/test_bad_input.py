@@ -339,6 +339,7 @@ def test_every_bad_input_is_one_line_before_any_work(inputs):
             problems.append(f"workdir {workdir} changed")
         if problems:
             failures.append(f"{name}: {'; '.join(problems)}")
+        print(f"| {name} | {result.returncode} | `{lines[-1] if lines else ''}` |")  # -rP shows it.
     assert not failures, "\n".join(failures)
     shutil.rmtree(tmp_root)
 
