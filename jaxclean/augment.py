@@ -37,6 +37,16 @@ class Augment:
     corruption: float = 0.0
     corruption_noise: float = 0.2
 
+    @classmethod
+    def from_recipe(cls, recipe) -> Augment:
+        """The augmentation a classifier recipe (configs/common.py) asks for."""
+        return cls(
+            crop_padding=recipe.crop_padding,
+            flip=recipe.flip,
+            corruption=recipe.corruption,
+            corruption_noise=recipe.corruption_noise,
+        )
+
 
 def normalize(images: jax.Array) -> jax.Array:
     """Images in [0, 255] (uint8, or float for unquantized triggered test images) to float32

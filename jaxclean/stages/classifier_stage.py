@@ -153,12 +153,7 @@ def fit_classifier(
     state = train.create_train_state(model, tx, dataset.image_shape, jax.random.key(seed), mesh)
     if initial is not None:
         state = train.start_from(state, initial, mesh)
-    settings = augment.Augment(
-        crop_padding=recipe.crop_padding,
-        flip=recipe.flip,
-        corruption=recipe.corruption,
-        corruption_noise=recipe.corruption_noise,
-    )
+    settings = augment.Augment.from_recipe(recipe)
     if make_step is None:
         step_fn = functools.partial(steps.train_step, augment=settings)
     else:

@@ -268,15 +268,6 @@ def _fit_phase(exp, record, model, dataset, recipe, step_fn, phase, initial=None
     return jax.device_get(result.state.variables)
 
 
-def _settings(recipe) -> augment.Augment:
-    return augment.Augment(
-        crop_padding=recipe.crop_padding,
-        flip=recipe.flip,
-        corruption=recipe.corruption,
-        corruption_noise=recipe.corruption_noise,
-    )
-
-
 def run_abl(exp: Experiment) -> None:
     """Isolate with local gradient ascent, train on the rest, unlearn the isolated share."""
     require_poison_plan(exp)
@@ -311,7 +302,9 @@ def run_abl(exp: Experiment) -> None:
         poisoned,
         options.isolation,
         functools.partial(
-            abl.isolation_step, augment=_settings(options.isolation), flood=options.flood
+            abl.isolation_step,
+            augment=augment.Augment.from_recipe(options.isolation),
+            flood=options.flood,
         ),
         "isolation",
         seed=seed,
@@ -339,7 +332,9 @@ def run_abl(exp: Experiment) -> None:
         model,
         poisoned.subset(rest),
         options.finetuning,
-        functools.partial(steps.train_step, augment=_settings(options.finetuning)),
+        functools.partial(
+            steps.train_step, augment=augment.Augment.from_recipe(options.finetuning)
+        ),
         "finetuning",
         initial=isolation,
         seed=seed + 1,
@@ -350,7 +345,9 @@ def run_abl(exp: Experiment) -> None:
         model,
         poisoned.subset(isolated),
         options.unlearning,
-        functools.partial(abl.unlearning_step, augment=_settings(options.unlearning)),
+        functools.partial(
+            abl.unlearning_step, augment=augment.Augment.from_recipe(options.unlearning)
+        ),
         "unlearning",
         initial=finetuned,
         seed=seed + 2,
