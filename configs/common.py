@@ -283,6 +283,11 @@ def regenerate_config(**overrides) -> ml_collections.ConfigDict:
             # The probability that the encoder reads a randomly corrupted copy of each source
             # (randomised smoothing of the condition; "Corrupted conditions at sampling").
             condition_corruption=0.0,
+            # 0: condition on the source's own embedding; k: on the mean of its k nearest
+            # trusted images' embeddings, so that only clean images' conditions reach the
+            # generator ("Conditions from the trusted images").
+            condition_neighbours=0,
+            neighbours_same_label=False,  # The neighbours of the row's own (given) label only.
             # Applied to every variation's uint8 pixels (jaxclean.diffusion.postprocess).
             postprocess=dict(black_level=0),  # Values below black_level set to 0 (0: off).
             shard_size=2048,  # Images per output file; a rerun skips finished shards.

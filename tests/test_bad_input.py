@@ -250,6 +250,11 @@ CASES = [
         says="steps must be at least 1",
     ),
     Case(
+        "more condition neighbours than trusted images",
+        extra=["--config.regenerate.condition_neighbours=100000"],
+        says="condition_neighbours 100000 exceeds the",
+    ),
+    Case(
         "black level over 255",
         extra=["--config.regenerate.postprocess.black_level=300"],
         says="black_level 300",

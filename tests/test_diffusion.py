@@ -69,6 +69,8 @@ def test_strength_runs_only_the_last_part_of_the_schedule():
         (dict(guidance=0.5), "guidance"),
         (dict(eta=-1.0), "eta"),
         (dict(condition_corruption=1.5), r"condition_corruption 1.5 must be in \[0, 1\]"),
+        (dict(condition_neighbours=-1), "condition_neighbours -1 must be >= 0"),
+        (dict(neighbours_same_label=True), "neighbours_same_label needs condition_neighbours"),
     ],
 )
 def test_bad_sampler_settings(settings, message):
@@ -134,6 +136,73 @@ def test_condition_corruption_changes_only_what_the_encoder_reads():
     assert np.abs(plain.astype(int) - smoothed).max() > 0  # The condition moved.
     label_model = tiny_model("label")  # Reads no embedding: the option cannot reach it.
     np.testing.assert_array_equal(vary(label_model, 1.0), vary(label_model, 0.0))
+
+
+def test_nearest_conditions_are_means_of_the_nearest_codebook_rows():
+    codebook = np.asarray([[0.0, 0.0], [1.0, 0.0], [0.0, 4.0], [5.0, 5.0]], np.float32)
+    codebook_labels = np.asarray([0, 1, 1, 0], np.int32)
+    context = np.asarray([[[0.9, 0.2]], [[4.0, 4.5]]], np.float32)  # [B, T=1, D].
+    labels = np.asarray([0, 1], np.int32)
+
+    def nearest(k, same_label):
+        return np.asarray(
+            sampler.nearest_conditions(context, labels, codebook, codebook_labels, k, same_label)
+        )
+
+    np.testing.assert_array_equal(nearest(1, False), [[[1.0, 0.0]], [[5.0, 5.0]]])
+    np.testing.assert_array_equal(nearest(2, False), [[[0.5, 0.0]], [[2.5, 4.5]]])
+    # Among their own label's rows only: row 0 may not take row 1, row 1 not row 3.
+    np.testing.assert_array_equal(nearest(1, True), [[[0.0, 0.0]], [[0.0, 4.0]]])
+
+
+@pytest.mark.slow
+def test_condition_neighbours_let_the_source_choose_only_among_trusted_conditions():
+    """With one trusted condition to choose from, a triggered source gets exactly its clean
+    twin's variation, and any other source's of the same key; with one per label, the row's
+    label alone decides. Without the option the overlay reaches the output."""
+    images, labels = synthetic_images(6, seed=2)
+    images, labels = images[..., None], (np.arange(6) % 2).astype(np.int32)
+    triggered = np.clip(images.astype(int) + 40, 0, 255).astype(np.uint8)
+    trusted, _ = synthetic_images(2, seed=3)
+    model = tiny_model("embedding")
+    params = trainer.random_params(model, jax.random.key(0))
+    mesh = sharding.make_mesh()
+    same_key = np.zeros(6, np.int32)  # One index, so every row draws the same noise.
+
+    samplers = {
+        (neighbours, same_label): sampler.make_sampler(
+            model,
+            sampler.SamplerSettings(
+                steps=2,
+                guidance=2.0,
+                color_transfer=False,  # It would give each variation its source's statistics.
+                condition_neighbours=neighbours,
+                neighbours_same_label=same_label,
+            ),
+            mesh,
+        )
+        for neighbours, same_label in ((0, False), (1, False), (1, True))
+    }
+
+    def vary(sources, neighbours=0, codebook_size=1, same_label=False):
+        codebook = sampler.condition_codebook(
+            model, params, trusted[:codebook_size, ..., None], np.arange(2, dtype=np.int32), 8
+        )
+        assert codebook["condition_codebook"].shape == (codebook_size, model.embed_dim)
+        sample = samplers[neighbours, same_label]
+        out = sample({**params, **codebook}, sources, same_key, labels, jax.random.key(1))
+        return np.asarray(out).astype(int)
+
+    one = vary(triggered, neighbours=1)
+    np.testing.assert_array_equal(one, vary(images, neighbours=1))
+    assert all(np.array_equal(row, one[0]) for row in one)
+    by_label = vary(triggered, neighbours=1, codebook_size=2, same_label=True)
+    np.testing.assert_array_equal(by_label[0::2], np.repeat(by_label[:1], 3, 0))
+    np.testing.assert_array_equal(by_label[1::2], np.repeat(by_label[1:2], 3, 0))
+    assert np.abs(by_label[0] - by_label[1]).max() > 0
+    plain = vary(images)
+    assert np.abs(vary(triggered) - plain).max() > 0
+    assert np.abs(plain[0] - plain[2]).max() > 0  # Plain, each source its own variation.
 
 
 @pytest.mark.slow

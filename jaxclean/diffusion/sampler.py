@@ -55,6 +55,8 @@ class SamplerSettings:
     strength: float = 1.0
     color_transfer: bool = True
     condition_corruption: float = 0.0
+    condition_neighbours: int = 0
+    neighbours_same_label: bool = False
 
     def __post_init__(self):
         if self.steps < 1:
@@ -69,6 +71,12 @@ class SamplerSettings:
             raise SamplerError(
                 f"condition_corruption {self.condition_corruption} must be in [0, 1]"
             )
+        if self.condition_neighbours < 0:
+            raise SamplerError(
+                f"condition_neighbours {self.condition_neighbours} must be >= 0 (0: off)"
+            )
+        if self.neighbours_same_label and not self.condition_neighbours:
+            raise SamplerError("neighbours_same_label needs condition_neighbours > 0")
 
     @classmethod
     def from_config(cls, config) -> SamplerSettings:
@@ -82,6 +90,8 @@ class SamplerSettings:
                 strength=config.strength,
                 color_transfer=config.color_transfer,
                 condition_corruption=config.condition_corruption,
+                condition_neighbours=config.condition_neighbours,
+                neighbours_same_label=config.neighbours_same_label,
             )
         except SamplerError as e:
             raise ConfigError(f"regenerate: {e}") from e
@@ -127,6 +137,34 @@ def corrupt_sources(images, keys, probability: float):
     return jnp.round((corrupted + 1.0) * 127.5).astype(jnp.uint8)
 
 
+def nearest_conditions(context, labels, codebook, codebook_labels, neighbours, same_label):
+    """Each row's tokens [B, T, D] replaced by the mean of its `neighbours` nearest codebook
+    rows [N, T * D] (squared L2 over the flattened tokens), among rows of its own label when
+    `same_label`."""
+    flat = context.reshape(context.shape[0], -1)
+    cross = jnp.matmul(flat, codebook.T, precision=jax.lax.Precision.HIGHEST)
+    distances = jnp.sum(codebook**2, 1)[None] - 2.0 * cross
+    if same_label:
+        distances = jnp.where(labels[:, None] == codebook_labels[None], distances, jnp.inf)
+    _, nearest = jax.lax.top_k(-distances, neighbours)
+    return codebook[nearest].mean(1).reshape(context.shape)
+
+
+def condition_codebook(model, params, images, labels, batch: int) -> dict:
+    """{"condition_codebook": [N, T * D], "codebook_labels": [N]}: the conditional tokens of
+    uint8 `images` (a trusted split), to add to the sampler's params."""
+    conditions = jax.jit(lambda p, x, y: model.conditions(p, x, y)[0])
+    rows = [
+        np.asarray(conditions(params, images[i : i + batch], labels[i : i + batch]))
+        for i in range(0, len(images), batch)
+    ]
+    tokens = np.concatenate(rows).astype(np.float32)
+    return {
+        "condition_codebook": tokens.reshape(len(tokens), -1),
+        "codebook_labels": np.asarray(labels, np.int32),
+    }
+
+
 def _normal(keys, shape):
     return jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
 
@@ -167,6 +205,15 @@ def make_variation_fn(model, settings: SamplerSettings):
         if settings.condition_corruption > 0:
             read = corrupt_sources(images, keys, settings.condition_corruption)
         context, null = model.conditions(params, read, labels)
+        if settings.condition_neighbours:
+            context = nearest_conditions(
+                context,
+                labels,
+                params["condition_codebook"],
+                params["codebook_labels"],
+                settings.condition_neighbours,
+                settings.neighbours_same_label,
+            )
         if guided:
             context = jnp.concatenate([null, context])
         start_noise = _step_noise(keys, 0, model.latent_shape)

@@ -10,6 +10,7 @@ training: its stage records which weights it is and draws samples.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import os
@@ -283,9 +284,13 @@ def save_samples(exp: Experiment, model, params, split: ImageDataset, path: str)
         if (split.labels == c).any()
     ]
     mesh = sharding.make_mesh(jax.local_devices()[:1])
-    sample = sampler_lib.make_sampler(
-        model, sampler_lib.SamplerSettings.from_config(exp.config.regenerate), mesh
+    # The generator's own conditions: a trusted-neighbour codebook is the regeneration's.
+    settings = dataclasses.replace(
+        sampler_lib.SamplerSettings.from_config(exp.config.regenerate),
+        condition_neighbours=0,
+        neighbours_same_label=False,
     )
+    sample = sampler_lib.make_sampler(model, settings, mesh)
     postprocess = Postprocess.from_config(exp.config.regenerate.postprocess)
     sources = split.images[first]
     rows = [sources]

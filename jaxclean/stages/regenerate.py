@@ -27,6 +27,9 @@ from jaxclean.stages.poison import require_poison_plan
 # What two regenerations may differ in and still give the same variation of the same image;
 # the post-processing too, where this run's covers the other's (it is applied to copied rows).
 _REUSE_FREE_KEYS = ("name", "reuse_from", "postprocess")
+# Settings added after variations were first recorded, and their off values: a spec leaves
+# them out while they are off, so variations recorded before them stay valid.
+_OFF_UNLESS_SET = {"condition_neighbours": 0, "neighbours_same_label": False}
 
 
 def validate(config) -> None:
@@ -35,6 +38,11 @@ def validate(config) -> None:
     Postprocess.from_config(regenerate.postprocess)
     checks.positive(regenerate.shard_size, "regenerate.shard_size")
     checks.positive(regenerate.per_device_batch, "regenerate.per_device_batch")
+    if regenerate.condition_neighbours > config.data.trusted_size:
+        raise ConfigError(
+            f"regenerate.condition_neighbours {regenerate.condition_neighbours} exceeds the "
+            f"{config.data.trusted_size} trusted images it chooses among (data.trusted_size)"
+        )
     if not regenerate.name or os.sep in regenerate.name:
         raise ConfigError(f"regenerate.name {regenerate.name!r} must be a plain directory name")
 
@@ -51,9 +59,14 @@ def variations_dir(exp: Experiment) -> str:
 def regenerate_record(exp: Experiment):
     """The stage's record (its spec names the finished generator it samples with)."""
     generator = exp.upstream("generator")
+    settings = {
+        key: value
+        for key, value in exp.config.regenerate.to_dict().items()
+        if not (key in _OFF_UNLESS_SET and value == _OFF_UNLESS_SET[key])
+    }
     spec = {
         **exp.poison_spec(),
-        "regenerate": exp.config.regenerate,
+        "regenerate": settings,
         "generator": generator.spec_fingerprint,
         "poisoned_fingerprint": exp.plan.poisoned_fingerprint,
     }
@@ -100,8 +113,14 @@ def _reuse_source(exp: Experiment, record) -> str:
 
 def _placed_sampler(exp: Experiment, mesh):
     model, params = load_generator(exp)
-    params = jax.device_put(params, sharding.replicated(mesh))  # Once, not per batch.
     settings = sampler_lib.SamplerSettings.from_config(exp.config.regenerate)
+    if settings.condition_neighbours:
+        trusted = exp.splits.trusted
+        codebook = sampler_lib.condition_codebook(
+            model, params, trusted.images, trusted.labels, exp.config.regenerate.per_device_batch
+        )
+        params = {**params, **codebook}
+    params = jax.device_put(params, sharding.replicated(mesh))  # Once, not per batch.
     return sampler_lib.make_sampler(model, settings, mesh), params
 
 
