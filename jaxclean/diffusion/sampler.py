@@ -47,6 +47,13 @@ class SamplerSettings:
         embedding one way then hides among the random moves every image gets, and a
         generator trained on such conditions (generator.condition_corruption) renders a clean
         image from them. The output pixels never see the corrupted copy.
+      condition_neighbours: 0 conditions on the source's own tokens; k > 0 on the mean of the
+        k nearest rows of a codebook of trusted images' tokens (params["condition_codebook"],
+        made by `condition_codebook`). The condition is then always made of clean images'
+        conditions, and a trigger can act only through which neighbours it picks (and through
+        the source's statistics, where color_transfer is on).
+      neighbours_same_label: pick the neighbours among the codebook rows of the row's own
+        label only (params["codebook_labels"]).
     """
 
     steps: int = 20
