@@ -22,6 +22,7 @@ from jaxclean.data import ImageDataset
 from jaxclean.diffusion import adapter, generator, sampler, trainer
 from jaxclean.diffusion.postprocess import Postprocess
 from jaxclean.stages import generator as generator_stage
+from jaxclean.stages import regenerate as regenerate_stage
 
 
 def test_ddim_matches_diffusers_flax_scheduler():
@@ -153,6 +154,18 @@ def test_nearest_conditions_are_means_of_the_nearest_codebook_rows():
     np.testing.assert_array_equal(nearest(2, False), [[[0.5, 0.0]], [[2.5, 4.5]]])
     # Among their own label's rows only: row 0 may not take row 1, row 1 not row 3.
     np.testing.assert_array_equal(nearest(1, True), [[[0.0, 0.0]], [[0.0, 4.0]]])
+
+
+def test_regenerate_spec_names_the_neighbour_options_only_when_on():
+    """Variations recorded before the options existed keep their spec while they are off."""
+    settings = smoke.get_config().regenerate
+    off = regenerate_stage.spec_settings(settings)
+    assert "condition_neighbours" not in off and "neighbours_same_label" not in off
+    assert off == {k: v for k, v in settings.to_dict().items() if k in off}
+    settings.condition_neighbours = 3
+    settings.neighbours_same_label = True
+    on = regenerate_stage.spec_settings(settings)
+    assert on["condition_neighbours"] == 3 and on["neighbours_same_label"] is True
 
 
 @pytest.mark.slow

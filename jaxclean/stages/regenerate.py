@@ -56,17 +56,21 @@ def variations_dir(exp: Experiment) -> str:
     return os.path.join(exp.workdir, directory(exp.config))
 
 
+def spec_settings(regenerate) -> dict:
+    """config.regenerate as the stage's spec records it: the later options left out while off."""
+    return {
+        key: value
+        for key, value in regenerate.to_dict().items()
+        if not (key in _OFF_UNLESS_SET and value == _OFF_UNLESS_SET[key])
+    }
+
+
 def regenerate_record(exp: Experiment):
     """The stage's record (its spec names the finished generator it samples with)."""
     generator = exp.upstream("generator")
-    settings = {
-        key: value
-        for key, value in exp.config.regenerate.to_dict().items()
-        if not (key in _OFF_UNLESS_SET and value == _OFF_UNLESS_SET[key])
-    }
     spec = {
         **exp.poison_spec(),
-        "regenerate": settings,
+        "regenerate": spec_settings(exp.config.regenerate),
         "generator": generator.spec_fingerprint,
         "poisoned_fingerprint": exp.plan.poisoned_fingerprint,
     }
