@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 import warnings
 
 import jax
@@ -166,6 +167,19 @@ def test_regenerate_spec_names_the_neighbour_options_only_when_on():
     settings.neighbours_same_label = True
     on = regenerate_stage.spec_settings(settings)
     assert on["condition_neighbours"] == 3 and on["neighbours_same_label"] is True
+
+
+def test_same_label_neighbours_are_refused_beyond_the_rarest_trusted_label():
+    labels = np.asarray([0, 0, 0, 1, 1], np.int32)  # Label 1 has two trusted images.
+    trusted = ImageDataset(np.zeros((5, 4, 4, 1), np.uint8), labels, ("a", "b"))
+    config = smoke.get_config()
+    config.regenerate.neighbours_same_label = True
+    exp = types.SimpleNamespace(config=config, splits=types.SimpleNamespace(trusted=trusted))
+    config.regenerate.condition_neighbours = 2
+    regenerate_stage._check_same_label_neighbours(exp)
+    config.regenerate.condition_neighbours = 3
+    with pytest.raises(ConfigError, match="exceeds the 2 trusted images of the rarest label"):
+        regenerate_stage._check_same_label_neighbours(exp)
 
 
 @pytest.mark.slow

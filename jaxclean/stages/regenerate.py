@@ -115,6 +115,21 @@ def _reuse_source(exp: Experiment, record) -> str:
     return source
 
 
+def _check_same_label_neighbours(exp: Experiment) -> None:
+    """Refuses more same-label neighbours than the trusted split has of some label: top-k
+    would fill the rest from other labels."""
+    config = exp.config.regenerate
+    if not config.neighbours_same_label:
+        return
+    trusted = exp.splits.trusted
+    fewest = int(np.bincount(trusted.labels, minlength=trusted.num_classes).min())
+    if config.condition_neighbours > fewest:
+        raise ConfigError(
+            f"regenerate.condition_neighbours {config.condition_neighbours} with "
+            f"neighbours_same_label exceeds the {fewest} trusted images of the rarest label"
+        )
+
+
 def _placed_sampler(exp: Experiment, mesh):
     model, params = load_generator(exp)
     settings = sampler_lib.SamplerSettings.from_config(exp.config.regenerate)
@@ -136,6 +151,7 @@ def run(exp: Experiment) -> None:
         log(f"regenerate: done already ({record.directory})")
         return
     reuse_from = _reuse_source(exp, record)
+    _check_same_label_neighbours(exp)  # Before the claim, so a fixed rerun is not refused.
     record.claim()
     config = exp.config.regenerate
     settings = sampler_lib.SamplerSettings.from_config(config)
